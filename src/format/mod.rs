@@ -1,0 +1,59 @@
+//! The `.hc` image stream: banner, sections, optional extension records and
+//! the end trailer. FORMAT.md is the specification; this module is its only
+//! implementation, and does no I/O beyond `Read`/`BufRead`/`Write`.
+//!
+//! ```text
+//! This-Is-A-Hot-Clone-Image See: https://github.com/benjojo/hot-clone[ hc=N key=value ...]\n
+//! S:<sector>\tL:<bytes>\n<bytes of data>          (any number, any order)
+//! END\tCRC:<8 lowercase hex>\tBYTES:<decimal>\n   (CRC-32C of every byte before it)
+//! ```
+
+mod banner;
+mod error;
+mod reader;
+mod record;
+mod writer;
+
+pub use banner::{Banner, Meta};
+pub use error::{FormatError, FormatErrorKind};
+pub use reader::ImageReader;
+pub use record::{Extent, Record, RunState, Trailer};
+pub use writer::ImageWriter;
+
+/// Section addresses are always in 512-byte units, whatever the device's
+/// logical block size (the original tool's convention).
+pub const SECTOR_BYTES: u64 = 512;
+
+/// The banner the original tool writes, byte for byte (without its newline).
+pub const BANNER_PLAIN: &str =
+    "This-Is-A-Hot-Clone-Image See: https://github.com/benjojo/hot-clone";
+
+/// What a reader looks for in line 1, as the original reader does.
+pub const BANNER_MARK: &str = "Hot-Clone";
+
+/// Revision 1: metadata in the banner; only `S:` sections and the trailer.
+/// Every reader of the original tool (which checks only that line 1 contains
+/// `Hot-Clone`) restores it.
+pub const REVISION_META: u32 = 1;
+
+/// Revision 2: adds `Z:` zero extents, `B:` bad ranges and the `STATE:`
+/// record. The original tools cannot read these; written only when asked for.
+pub const REVISION_EXTENDED: u32 = 2;
+
+/// The newest revision this build reads and writes.
+pub const REVISION_MAX: u32 = REVISION_EXTENDED;
+
+/// Longest record line we accept (the longest legal one is well under 80).
+pub const RECORD_LINE_MAX_BYTES: usize = 128;
+
+/// Longest banner line we accept (the banner carries metadata such as the
+/// source path, so it may be longer than a record).
+pub const BANNER_LINE_MAX_BYTES: usize = 4096;
+
+/// CRC-32C (Castagnoli) as the trailer records it: standard init and final XOR.
+pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, bytes)
+}
+
+#[cfg(test)]
+mod tests;

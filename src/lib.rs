@@ -1,0 +1,14 @@
+//! hot-clone: image a live block device into a `.hc` stream and restore it.
+//!
+//! The pure parts (the image format, the dirty map, the trace parsers) do no
+//! I/O beyond `Read`/`Write`, so they can be unit-tested, fuzzed and benched.
+
+pub mod blockdev;
+pub mod cli;
+pub mod dirty;
+pub mod exit;
+pub mod format;
+pub mod restore;
+pub mod signals;
+pub mod trace;
+pub mod units;
