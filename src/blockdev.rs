@@ -1,0 +1,134 @@
+//! Facts about block devices: size, logical block size, partitions, and who
+//! is using them (mounts, swap, holders). Read from ioctls, sysfs and procfs.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// A device number as userspace sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DevNum {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevNum {
+    pub fn from_rdev(rdev: u64) -> DevNum {
+        DevNum {
+            major: libc::major(rdev),
+            minor: libc::minor(rdev),
+        }
+    }
+
+    /// The number of the block device at `path`, or None if it is not one.
+    pub fn of_path(path: &Path) -> io::Result<Option<DevNum>> {
+        let meta = fs::metadata(path)?;
+        Ok(meta
+            .file_type()
+            .is_block_device()
+            .then(|| DevNum::from_rdev(meta.rdev())))
+    }
+
+    /// `/sys/dev/block/MAJ:MIN`, a link to the device's sysfs directory.
+    pub fn sysfs_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/dev/block/{}:{}", self.major, self.minor))
+    }
+
+    fn parse(text: &str) -> Option<DevNum> {
+        let (major, minor) = text.trim().split_once(':')?;
+        Some(DevNum {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for DevNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+// From <linux/fs.h>: _IOR(0x12, 114, size_t) and _IO(0x12, 104).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// Size in bytes of an open block device.
+pub fn size_bytes(file: &File) -> io::Result<u64> {
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
+    // at a live local for the duration of the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut bytes) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes)
+}
+
+/// Logical block size in bytes of an open block device.
+pub fn logical_block_bytes(file: &File) -> io::Result<u32> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at
+    // a live local for the duration of the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut bytes) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes as u32)
+}
+
+/// The partitions of a whole disk (empty for a partition or a disk without).
+pub fn partitions_of(disk: DevNum) -> Vec<DevNum> {
+    let Ok(entries) = fs::read_dir(disk.sysfs_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().join("partition").exists())
+        .filter_map(|e| fs::read_to_string(e.path().join("dev")).ok())
+        .filter_map(|text| DevNum::parse(&text))
+        .collect()
+}
+
+/// Why a device must not be written: each use found, in words.
+pub fn uses_of(devs: &[DevNum]) -> Vec<String> {
+    let mut uses = Vec::new();
+    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
+        for line in mountinfo.lines() {
+            // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
+            let fields: Vec<&str> = line.split(' ').collect();
+            if let (Some(dev), Some(mountpoint)) = (fields.get(2), fields.get(4))
+                && let Some(dev) = DevNum::parse(dev)
+                && devs.contains(&dev)
+            {
+                uses.push(format!("{dev} is mounted on {mountpoint}"));
+            }
+        }
+    }
+    if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
+        for path in swaps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            if let Ok(Some(dev)) = DevNum::of_path(Path::new(path))
+                && devs.contains(&dev)
+            {
+                uses.push(format!("{dev} is in use as swap ({path})"));
+            }
+        }
+    }
+    for dev in devs {
+        if let Ok(holders) = fs::read_dir(dev.sysfs_dir().join("holders")) {
+            for holder in holders.flatten() {
+                uses.push(format!(
+                    "{dev} is held by {}",
+                    holder.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    uses
+}

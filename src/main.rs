@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    hot_clone::cli::main()
+}

@@ -1,0 +1,751 @@
+//! `reassemble` and `verify`: read an image, check all of it, and write it
+//! out to a regular file (sparse, atomically renamed into place) or a block
+//! device (refused while in use or too small) — or nowhere, for `verify`.
+
+use crate::blockdev::{self, DevNum};
+use crate::format::{
+    Banner, Extent, FormatError, ImageReader, Record, RunState, SECTOR_BYTES, Trailer,
+};
+use crate::signals;
+use crate::units::{Bytes, Rate};
+use anyhow::{Context, anyhow, bail};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Bytes of section data read and written per request.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Buffer in front of the image, from which record lines are parsed; data
+/// reads of a whole chunk bypass it.
+const INPUT_BUFFER_BYTES: usize = 1 << 20;
+/// Granularity of holes in a restored file: the usual filesystem block.
+const SPARSE_BLOCK_BYTES: u64 = 4096;
+/// How many bad ranges a summary lists (the rest are only counted).
+const BAD_RANGES_LISTED_MAX: usize = 64;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+const _: () = assert!((CHUNK_BYTES as u64).is_multiple_of(SPARSE_BLOCK_BYTES));
+const _: () = assert!(SPARSE_BLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
+
+/// Where an image is read from: a path, or `-` for standard input.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    Stdin,
+    File(PathBuf),
+}
+
+impl ImageSource {
+    pub fn from_arg(arg: &Path) -> ImageSource {
+        if arg == Path::new("-") {
+            ImageSource::Stdin
+        } else {
+            ImageSource::File(arg.to_path_buf())
+        }
+    }
+
+    fn open(&self) -> anyhow::Result<(Box<dyn BufRead>, Option<u64>)> {
+        match self {
+            ImageSource::Stdin => Ok((
+                Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, io::stdin())),
+                None,
+            )),
+            ImageSource::File(path) => {
+                let file = File::open(path)
+                    .with_context(|| format!("cannot open image {}", path.display()))?;
+                let len = file.metadata().ok().map(|m| m.len());
+                // SAFETY: posix_fadvise only takes a hint about an open fd.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+                let input: Box<dyn Read> = Box::new(file);
+                Ok((
+                    Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, input)),
+                    len,
+                ))
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            ImageSource::Stdin => "standard input".into(),
+            ImageSource::File(path) => path.display().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Restore an image without an END trailer, whose completeness cannot
+    /// be checked.
+    pub allow_legacy: bool,
+}
+
+/// What an image held, as found by reading all of it.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub banner: Banner,
+    pub sections: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// Bad ranges, the first [`BAD_RANGES_LISTED_MAX`] of them.
+    pub bad_ranges: Vec<Extent>,
+    pub bad_range_count: u64,
+    /// The size the restored device or file has: the largest section end,
+    /// or the size the banner declares if larger.
+    pub extent_bytes: u64,
+    pub image_bytes: u64,
+    pub trailer: Option<Trailer>,
+    pub state: Option<RunState>,
+}
+
+impl Summary {
+    /// Why the image, intact as it is, is not a complete capture.
+    pub fn incomplete_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if let Some(RunState::Unconverged { changed_bytes }) = self.state {
+            reasons.push(format!(
+                "the imaging run stopped before writes quiesced: {} ({changed_bytes} bytes) changed during its last round and may be older than the source",
+                Bytes(changed_bytes)
+            ));
+        }
+        if self.bad_range_count > 0 {
+            let listed: Vec<String> = self
+                .bad_ranges
+                .iter()
+                .map(|e| format!("sector {} +{} bytes", e.sector, e.len_bytes))
+                .collect();
+            reasons.push(format!(
+                "{} range(s) could not be read from the source and hold zeros: {}{}",
+                self.bad_range_count,
+                listed.join(", "),
+                if self.bad_range_count > listed.len() as u64 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ));
+        }
+        reasons
+    }
+
+    /// Lines for `verify` and `--verbose`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let meta = &self.banner.meta;
+        out.push_str(&format!("format revision: {}\n", self.banner.revision));
+        if let Some(source) = &meta.source {
+            out.push_str(&format!("source: {}\n", source.display()));
+        }
+        if let Some(bytes) = meta.device_bytes {
+            out.push_str(&format!("device size: {bytes} bytes ({})\n", Bytes(bytes)));
+        }
+        if let Some(bytes) = meta.logical_block_bytes {
+            out.push_str(&format!("logical block size: {bytes} bytes\n"));
+        }
+        if let Some(tool) = &meta.tool {
+            out.push_str(&format!("written by: {tool}\n"));
+        }
+        out.push_str(&format!("sections: {}\n", self.sections));
+        out.push_str(&format!(
+            "data bytes: {} ({})\n",
+            self.data_bytes,
+            Bytes(self.data_bytes)
+        ));
+        if self.zero_bytes > 0 {
+            out.push_str(&format!("zero-extent bytes: {}\n", self.zero_bytes));
+        }
+        out.push_str(&format!(
+            "extent: {} bytes ({})\n",
+            self.extent_bytes,
+            Bytes(self.extent_bytes)
+        ));
+        out.push_str(&format!("image bytes: {}\n", self.image_bytes));
+        match self.trailer {
+            Some(t) => out.push_str(&format!(
+                "trailer: verified (CRC-32C {:08x} over {} bytes)\n",
+                t.crc32c, t.bytes
+            )),
+            None => out.push_str("trailer: none (legacy image; completeness cannot be checked)\n"),
+        }
+        match self.state {
+            Some(RunState::Converged) => out.push_str("run state: converged\n"),
+            Some(RunState::Unconverged { changed_bytes }) => out.push_str(&format!(
+                "run state: NOT converged ({changed_bytes} bytes changed in the last round)\n"
+            )),
+            None => {}
+        }
+        out
+    }
+}
+
+/// The outcome of a command that read a whole image.
+#[derive(Debug)]
+pub struct Outcome {
+    pub summary: Summary,
+    /// Empty when the result is complete.
+    pub warnings: Vec<String>,
+}
+
+/// Reads the whole image, checks it, writes nothing.
+pub fn verify(source: &ImageSource) -> anyhow::Result<Outcome> {
+    let summary = read_image(source, &mut NullSink, "Verified")?;
+    if summary.trailer.is_none() {
+        bail!(
+            "{}: the image has no END trailer (written by the original hot-clone, or cut short at a section boundary): its structure is sound but its completeness cannot be verified",
+            source.name()
+        );
+    }
+    Ok(Outcome {
+        warnings: summary.incomplete_reasons(),
+        summary,
+    })
+}
+
+/// Restores `source` to `output`: a regular file (created or replaced) or
+/// a block device.
+pub fn reassemble(
+    source: &ImageSource,
+    output: &Path,
+    options: Options,
+) -> anyhow::Result<Outcome> {
+    let target_is_device = fs::metadata(output)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let summary = if target_is_device {
+        reassemble_to_device(source, output, options)?
+    } else {
+        reassemble_to_file(source, output, options)?
+    };
+    Ok(Outcome {
+        warnings: summary.incomplete_reasons(),
+        summary,
+    })
+}
+
+fn legacy_refusal(source: &ImageSource) -> anyhow::Error {
+    anyhow!(
+        "{}: the image has no END trailer, so a cut-short image cannot be told from a complete one (images of the original hot-clone have none). Pass --allow-legacy to restore it anyway",
+        source.name()
+    )
+}
+
+fn reassemble_to_file(
+    source: &ImageSource,
+    output: &Path,
+    options: Options,
+) -> anyhow::Result<Summary> {
+    if output.exists() && !output.is_file() {
+        bail!(
+            "{}: not a regular file or a block device; refusing to write there",
+            output.display()
+        );
+    }
+    let temp = TempFile::create_beside(output)?;
+    let mut sink = FileSink::new(temp.file.try_clone()?);
+    let summary = read_image(source, &mut sink, "Restored").with_context(|| {
+        format!(
+            "restoring {} to {} failed; {} was not created or changed",
+            source.name(),
+            output.display(),
+            output.display()
+        )
+    })?;
+    if summary.trailer.is_none() && !options.allow_legacy {
+        return Err(legacy_refusal(source))
+            .context(format!("nothing was written to {}", output.display()));
+    }
+    sink.finish(summary.extent_bytes)
+        .with_context(|| format!("finishing {}", temp.path.display()))?;
+    temp.persist(output)?;
+    Ok(summary)
+}
+
+fn reassemble_to_device(
+    source: &ImageSource,
+    output: &Path,
+    options: Options,
+) -> anyhow::Result<Summary> {
+    let name = output.display();
+    let dev = DevNum::of_path(output)?.expect("checked to be a block device");
+    let mut devs = vec![dev];
+    devs.extend(blockdev::partitions_of(dev));
+    let uses = blockdev::uses_of(&devs);
+    if !uses.is_empty() {
+        bail!(
+            "{name} is in use, refusing to restore onto it: {}",
+            uses.join("; ")
+        );
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(output)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => anyhow!(
+                "{name} is in use (the kernel holds it: mounted, swap, RAID or LVM member); refusing to restore onto it"
+            ),
+            _ => anyhow!(e).context(format!("cannot open {name} for writing")),
+        })?;
+    let device_bytes =
+        blockdev::size_bytes(&file).with_context(|| format!("cannot read the size of {name}"))?;
+
+    // A file image is checked whole before the device is touched; a stream
+    // can only be checked as it is written.
+    if let ImageSource::File(_) = source {
+        let checked = read_image(source, &mut NullSink, "Checked").with_context(|| {
+            format!(
+                "checking {} before writing; nothing was written to {name}",
+                source.name()
+            )
+        })?;
+        if checked.trailer.is_none() && !options.allow_legacy {
+            return Err(legacy_refusal(source)).context(format!("nothing was written to {name}"));
+        }
+        if checked.extent_bytes > device_bytes {
+            bail!(
+                "{name} holds {device_bytes} bytes ({}), the image needs {} ({}); nothing was written",
+                Bytes(device_bytes),
+                checked.extent_bytes,
+                Bytes(checked.extent_bytes)
+            );
+        }
+    }
+
+    let mut sink = DeviceSink::new(file, device_bytes, output);
+    let result = read_image(source, &mut sink, "Restored");
+    let summary = result.map_err(|e| {
+        e.context(format!(
+            "restore to {name} stopped after writing {} bytes in {} complete sections (the last complete one ended at device byte {}); {name} now holds a partial image",
+            sink.bytes_written, sink.sections_done, sink.last_section_end_bytes
+        ))
+    })?;
+    sink.file
+        .sync_all()
+        .with_context(|| format!("flushing {name}"))?;
+    if summary.trailer.is_none() && !options.allow_legacy {
+        return Err(legacy_refusal(source)).context(format!(
+            "{name} was written in full from the stream, but the image cannot be checked"
+        ));
+    }
+    Ok(summary)
+}
+
+/// Reads every record of the image and hands its content to `sink`.
+fn read_image(
+    source: &ImageSource,
+    sink: &mut dyn Sink,
+    verb: &'static str,
+) -> anyhow::Result<Summary> {
+    let (input, total_bytes) = source.open()?;
+    let mut reader = ImageReader::new(input).map_err(|e| at_image(source, e))?;
+    let mut summary = Summary {
+        banner: reader.banner().clone(),
+        extent_bytes: reader.banner().meta.device_bytes.unwrap_or(0),
+        ..Summary::default()
+    };
+    let mut progress = Progress::new(verb, total_bytes);
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    while let Some(record) = reader.next_record().map_err(|e| at_image(source, e))? {
+        signals::check()?;
+        match record {
+            Record::Data(extent) => {
+                sink.admit(extent)?;
+                let mut offset_bytes = extent.offset_bytes();
+                loop {
+                    let n = reader
+                        .read_data(&mut buf)
+                        .map_err(|e| at_image(source, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    sink.write(offset_bytes, &buf[..n])?;
+                    offset_bytes += n as u64;
+                    progress.tick(reader.offset());
+                    signals::check()?;
+                }
+                sink.section_done(extent);
+                summary.sections += 1;
+                summary.data_bytes += extent.len_bytes;
+            }
+            Record::Zero(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                summary.zero_bytes += extent.len_bytes;
+            }
+            Record::Bad(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                summary.bad_range_count += 1;
+                if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
+                    summary.bad_ranges.push(extent);
+                }
+            }
+            Record::State(state) => summary.state = Some(state),
+            Record::End(trailer) => summary.trailer = Some(trailer),
+        }
+        if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
+            let end = e.end_bytes().expect("the reader checked the extent");
+            summary.extent_bytes = summary.extent_bytes.max(end);
+        }
+    }
+    summary.image_bytes = reader.offset();
+    progress.done(reader.offset());
+    Ok(summary)
+}
+
+fn at_image(source: &ImageSource, error: FormatError) -> anyhow::Error {
+    anyhow!(error).context(format!("bad image {}", source.name()))
+}
+
+/// Where restored bytes go.
+trait Sink {
+    /// Refuses an extent the target cannot hold, before any of it is written.
+    fn admit(&mut self, _extent: Extent) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()>;
+    fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()>;
+    fn section_done(&mut self, _extent: Extent) {}
+}
+
+/// `verify`: everything is read and checked, nothing is written.
+struct NullSink;
+
+impl Sink for NullSink {
+    fn write(&mut self, _: u64, _: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn zero(&mut self, _: u64, _: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new regular file, written sparsely: all-zero 4 KiB blocks are never
+/// written, and zeros over earlier data are punched out.
+struct FileSink {
+    file: File,
+    /// No byte at or past this offset has been written: it reads as zero.
+    high_water_bytes: u64,
+    extent_bytes: u64,
+    punch_hole_works: bool,
+}
+
+impl FileSink {
+    fn new(file: File) -> Self {
+        FileSink {
+            file,
+            high_water_bytes: 0,
+            extent_bytes: 0,
+            punch_hole_works: true,
+        }
+    }
+
+    fn finish(&mut self, extent_bytes: u64) -> io::Result<()> {
+        let extent_bytes = extent_bytes.max(self.extent_bytes);
+        assert!(self.high_water_bytes <= extent_bytes);
+        self.file.set_len(extent_bytes)?;
+        self.file.sync_all()
+    }
+
+    fn write_zeros(&mut self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
+        let zeros = vec![0u8; CHUNK_BYTES.min(len_bytes as usize)];
+        let mut done = 0;
+        while done < len_bytes {
+            let n = zeros.len().min((len_bytes - done) as usize);
+            self.file.write_all_at(&zeros[..n], offset_bytes + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for FileSink {
+    fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
+        // Runs of whole-or-partial 4 KiB blocks, split at absolute block
+        // boundaries, alternating between data and zeros.
+        let block_end = |at: usize| {
+            let to_boundary = SPARSE_BLOCK_BYTES - (offset_bytes + at as u64) % SPARSE_BLOCK_BYTES;
+            data.len().min(at + to_boundary as usize)
+        };
+        let mut start = 0;
+        while start < data.len() {
+            let mut end = block_end(start);
+            let zero = is_zero(&data[start..end]);
+            while end < data.len() {
+                let next = block_end(end);
+                if is_zero(&data[end..next]) != zero {
+                    break;
+                }
+                end = next;
+            }
+            let at = offset_bytes + start as u64;
+            if zero {
+                self.zero(at, (end - start) as u64)?;
+            } else {
+                self.file
+                    .write_all_at(&data[start..end], at)
+                    .with_context(|| format!("writing {} bytes at byte {at}", end - start))?;
+                self.high_water_bytes = self.high_water_bytes.max(at + (end - start) as u64);
+            }
+            start = end;
+        }
+        self.extent_bytes = self.extent_bytes.max(offset_bytes + data.len() as u64);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
+        let end_bytes = offset_bytes + len_bytes;
+        self.extent_bytes = self.extent_bytes.max(end_bytes);
+        // Past the high-water mark the file already reads as zeros.
+        let written_end = end_bytes.min(self.high_water_bytes);
+        if written_end <= offset_bytes {
+            return Ok(());
+        }
+        let len = written_end - offset_bytes;
+        if self.punch_hole_works {
+            // SAFETY: fallocate on an fd we own; no memory is passed.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset_bytes as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(anyhow!(err).context(format!(
+                    "punching a hole of {len} bytes at byte {offset_bytes}"
+                )));
+            }
+            self.punch_hole_works = false;
+        }
+        self.write_zeros(offset_bytes, len)
+            .with_context(|| format!("writing {len} zero bytes at byte {offset_bytes}"))
+    }
+}
+
+/// True when every byte is zero; written so that it vectorises.
+fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// A block device: every byte written, zeros included; extents past its end
+/// refused before any of their bytes is written.
+struct DeviceSink {
+    file: File,
+    name: String,
+    device_bytes: u64,
+    bytes_written: u64,
+    sections_done: u64,
+    last_section_end_bytes: u64,
+    zeros: Vec<u8>,
+}
+
+impl DeviceSink {
+    fn new(file: File, device_bytes: u64, path: &Path) -> Self {
+        DeviceSink {
+            file,
+            name: path.display().to_string(),
+            device_bytes,
+            bytes_written: 0,
+            sections_done: 0,
+            last_section_end_bytes: 0,
+            zeros: Vec::new(),
+        }
+    }
+}
+
+impl Sink for DeviceSink {
+    fn admit(&mut self, extent: Extent) -> anyhow::Result<()> {
+        let end = extent.end_bytes().expect("the reader checked the extent");
+        if end > self.device_bytes {
+            bail!(
+                "the image has a section at sector {} of {} bytes, ending at byte {end}, past the end of {} ({} bytes)",
+                extent.sector,
+                extent.len_bytes,
+                self.name,
+                self.device_bytes
+            );
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.file
+            .write_all_at(data, offset_bytes)
+            .with_context(|| {
+                format!(
+                    "writing {} bytes at byte {offset_bytes} of {}",
+                    data.len(),
+                    self.name
+                )
+            })?;
+        self.bytes_written += data.len() as u64;
+        Ok(())
+    }
+
+    fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; CHUNK_BYTES];
+        }
+        let mut done = 0;
+        while done < len_bytes {
+            let n = CHUNK_BYTES.min((len_bytes - done) as usize);
+            let at = offset_bytes + done;
+            self.file
+                .write_all_at(&self.zeros[..n], at)
+                .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
+            self.bytes_written += n as u64;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn section_done(&mut self, extent: Extent) {
+        self.sections_done += 1;
+        self.last_section_end_bytes = extent.end_bytes().expect("checked");
+    }
+}
+
+/// The temporary file a restore writes, removed unless it is renamed into
+/// place after the whole image verified.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn create_beside(output: &Path) -> anyhow::Result<TempFile> {
+        let name = output
+            .file_name()
+            .ok_or_else(|| anyhow!("{}: not a file name", output.display()))?;
+        let dir = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".hc-partial-{}", std::process::id()));
+        let path = dir.join(temp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempFile {
+            path,
+            file,
+            persisted: false,
+        })
+    }
+
+    fn persist(mut self, output: &Path) -> anyhow::Result<()> {
+        fs::rename(&self.path, output).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.path.display(),
+                output.display()
+            )
+        })?;
+        self.persisted = true;
+        if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Ok(dir) = File::open(dir)
+        {
+            // Make the rename itself durable.
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The once-a-second progress line on stderr.
+struct Progress {
+    verb: &'static str,
+    total_bytes: Option<u64>,
+    started: Instant,
+    last_shown: Instant,
+}
+
+impl Progress {
+    fn new(verb: &'static str, total_bytes: Option<u64>) -> Self {
+        let now = Instant::now();
+        Progress {
+            verb,
+            total_bytes,
+            started: now,
+            last_shown: now,
+        }
+    }
+
+    fn tick(&mut self, image_bytes: u64) {
+        if self.last_shown.elapsed() >= PROGRESS_INTERVAL {
+            self.last_shown = Instant::now();
+            self.show(image_bytes);
+        }
+    }
+
+    fn done(&mut self, image_bytes: u64) {
+        if self.started.elapsed() >= PROGRESS_INTERVAL {
+            self.show(image_bytes);
+        }
+    }
+
+    fn show(&self, image_bytes: u64) {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = image_bytes as f64 / seconds;
+        match self.total_bytes {
+            Some(total) if total > 0 => eprintln!(
+                "{} {} of {} of image ({}, {:.0}%)",
+                self.verb,
+                Bytes(image_bytes),
+                Bytes(total),
+                Rate(rate),
+                image_bytes as f64 * 100.0 / total as f64
+            ),
+            _ => eprintln!(
+                "{} {} of image ({})",
+                self.verb,
+                Bytes(image_bytes),
+                Rate(rate)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_sees_every_byte() {
+        for len in [0, 1, 63, 64, 65, 4096, 4097] {
+            let mut bytes = vec![0u8; len];
+            assert!(is_zero(&bytes));
+            for i in 0..len {
+                bytes[i] = 1;
+                assert!(!is_zero(&bytes), "len {len} byte {i}");
+                bytes[i] = 0;
+            }
+        }
+    }
+}
