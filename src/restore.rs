@@ -14,6 +14,8 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// Bytes of section data read and written per request.
@@ -46,7 +48,7 @@ impl ImageSource {
         }
     }
 
-    fn open(&self) -> anyhow::Result<(Box<dyn BufRead>, Option<u64>)> {
+    fn open(&self) -> anyhow::Result<(Box<dyn BufRead + Send>, Option<u64>)> {
         match self {
             ImageSource::Stdin => Ok((
                 Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, io::stdin())),
@@ -58,7 +60,7 @@ impl ImageSource {
                 let len = file.metadata().ok().map(|m| m.len());
                 // SAFETY: posix_fadvise only takes a hint about an open fd.
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-                let input: Box<dyn Read> = Box::new(file);
+                let input: Box<dyn Read + Send> = Box::new(file);
                 Ok((
                     Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, input)),
                     len,
@@ -332,7 +334,31 @@ fn reassemble_to_device(
     Ok(summary)
 }
 
+/// Image buffers in flight between the parsing thread and the sink.
+const PIPELINE_BUFFERS: usize = 4;
+
+/// What the parsing thread hands to the sink side, in image order.
+enum Step {
+    Record(Record),
+    /// Section data for device byte `offset_bytes`; the image reader stood
+    /// at `image_offset` after reading it.
+    Data {
+        offset_bytes: u64,
+        buf: Vec<u8>,
+        len: usize,
+        image_offset: u64,
+    },
+    SectionDone(Extent),
+    Finished {
+        image_bytes: u64,
+    },
+}
+
 /// Reads every record of the image and hands its content to `sink`.
+///
+/// Two threads: one parses the image and checks its CRC, the calling one
+/// writes, so that reading and writing overlap (the machine has two cores
+/// and a restore is a copy). Buffers go round a fixed pool.
 fn read_image(
     source: &ImageSource,
     sink: &mut dyn Sink,
@@ -345,54 +371,133 @@ fn read_image(
         extent_bytes: reader.banner().meta.device_bytes.unwrap_or(0),
         ..Summary::default()
     };
+    let (step_tx, step_rx) = sync_channel::<anyhow::Result<Step>>(PIPELINE_BUFFERS + 2);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+    for _ in 0..PIPELINE_BUFFERS {
+        free_tx
+            .send(vec![0u8; CHUNK_BYTES])
+            .expect("room for the pool");
+    }
+    let name = source.clone();
+    // On an error on this side the channels close and the parser stops at
+    // its next send or receive; it is not joined (it may be blocked reading
+    // stdin), and the process exits soon after.
+    let parser = thread::Builder::new()
+        .name("image-parser".into())
+        .spawn(move || {
+            if let Err(e) = parse_steps(&mut reader, &step_tx, &free_rx, &name) {
+                let _ = step_tx.send(Err(e));
+            }
+        })
+        .context("cannot start the image parsing thread")?;
+
     let mut progress = Progress::new(verb, total_bytes);
-    let mut buf = vec![0u8; CHUNK_BYTES];
-    while let Some(record) = reader.next_record().map_err(|e| at_image(source, e))? {
+    loop {
+        let step = step_rx
+            .recv()
+            .map_err(|_| anyhow!("the image parsing thread stopped unexpectedly"))??;
         signals::check()?;
-        match record {
-            Record::Data(extent) => {
-                sink.admit(extent)?;
-                let mut offset_bytes = extent.offset_bytes();
-                loop {
-                    let n = reader
-                        .read_data(&mut buf)
-                        .map_err(|e| at_image(source, e))?;
-                    if n == 0 {
-                        break;
+        match step {
+            Step::Record(record) => {
+                match record {
+                    Record::Data(extent) => sink.admit(extent)?,
+                    Record::Zero(extent) => {
+                        sink.admit(extent)?;
+                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                        summary.zero_bytes += extent.len_bytes;
                     }
-                    sink.write(offset_bytes, &buf[..n])?;
-                    offset_bytes += n as u64;
-                    progress.tick(reader.offset());
-                    signals::check()?;
+                    Record::Bad(extent) => {
+                        sink.admit(extent)?;
+                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                        summary.bad_range_count += 1;
+                        if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
+                            summary.bad_ranges.push(extent);
+                        }
+                    }
+                    Record::State(state) => summary.state = Some(state),
+                    Record::End(trailer) => summary.trailer = Some(trailer),
                 }
+                if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
+                    let end = e.end_bytes().expect("the reader checked the extent");
+                    summary.extent_bytes = summary.extent_bytes.max(end);
+                }
+            }
+            Step::Data {
+                offset_bytes,
+                buf,
+                len,
+                image_offset,
+            } => {
+                sink.write(offset_bytes, &buf[..len])?;
+                let _ = free_tx.send(buf);
+                progress.tick(image_offset);
+            }
+            Step::SectionDone(extent) => {
                 sink.section_done(extent);
                 summary.sections += 1;
                 summary.data_bytes += extent.len_bytes;
             }
-            Record::Zero(extent) => {
-                sink.admit(extent)?;
-                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                summary.zero_bytes += extent.len_bytes;
+            Step::Finished { image_bytes } => {
+                summary.image_bytes = image_bytes;
+                break;
             }
-            Record::Bad(extent) => {
-                sink.admit(extent)?;
-                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                summary.bad_range_count += 1;
-                if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
-                    summary.bad_ranges.push(extent);
-                }
-            }
-            Record::State(state) => summary.state = Some(state),
-            Record::End(trailer) => summary.trailer = Some(trailer),
-        }
-        if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
-            let end = e.end_bytes().expect("the reader checked the extent");
-            summary.extent_bytes = summary.extent_bytes.max(end);
         }
     }
-    summary.image_bytes = reader.offset();
-    progress.done(reader.offset());
+    parser
+        .join()
+        .map_err(|_| anyhow!("the image parsing thread panicked"))?;
+    progress.done(summary.image_bytes);
     Ok(summary)
+}
+
+/// The parsing thread: every record and every chunk of section data, in order.
+fn parse_steps(
+    reader: &mut ImageReader<Box<dyn BufRead + Send>>,
+    steps: &SyncSender<anyhow::Result<Step>>,
+    free: &Receiver<Vec<u8>>,
+    source: &ImageSource,
+) -> anyhow::Result<()> {
+    // A closed channel means the sink side stopped; it reports why.
+    let closed = || anyhow!("the restore stopped");
+    // The buffer that found a section's end is kept for the next section.
+    let mut spare: Option<Vec<u8>> = None;
+    while let Some(record) = reader.next_record().map_err(|e| at_image(source, e))? {
+        signals::check()?;
+        steps.send(Ok(Step::Record(record))).map_err(|_| closed())?;
+        let Record::Data(extent) = record else {
+            continue;
+        };
+        let mut offset_bytes = extent.offset_bytes();
+        loop {
+            let mut buf = match spare.take() {
+                Some(buf) => buf,
+                None => free.recv().map_err(|_| closed())?,
+            };
+            let len = reader
+                .read_data(&mut buf)
+                .map_err(|e| at_image(source, e))?;
+            if len == 0 {
+                spare = Some(buf);
+                break;
+            }
+            let step = Step::Data {
+                offset_bytes,
+                buf,
+                len,
+                image_offset: reader.offset(),
+            };
+            steps.send(Ok(step)).map_err(|_| closed())?;
+            offset_bytes += len as u64;
+            signals::check()?;
+        }
+        steps
+            .send(Ok(Step::SectionDone(extent)))
+            .map_err(|_| closed())?;
+    }
+    let finished = Step::Finished {
+        image_bytes: reader.offset(),
+    };
+    steps.send(Ok(finished)).map_err(|_| closed())
 }
 
 fn at_image(source: &ImageSource, error: FormatError) -> anyhow::Error {
