@@ -5,7 +5,9 @@
 
 pub mod blockdev;
 pub mod cli;
+pub mod device;
 pub mod dirty;
+pub mod engine;
 pub mod exit;
 pub mod format;
 pub mod restore;

@@ -342,3 +342,4 @@ mod tests {
         assert_eq!(event.sector_end(), None);
     }
 }
+pub mod live;

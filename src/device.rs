@@ -1,0 +1,1 @@
+//! The source device: facts from sysfs and ioctls (being written).

@@ -1,0 +1,1 @@
+//! The read engine (being written).

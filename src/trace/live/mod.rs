@@ -1,0 +1,1 @@
+//! Live write-event sources (being written).
