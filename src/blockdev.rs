@@ -36,7 +36,8 @@ impl DevNum {
         PathBuf::from(format!("/sys/dev/block/{}:{}", self.major, self.minor))
     }
 
-    fn parse(text: &str) -> Option<DevNum> {
+    /// Parses `MAJ:MIN` as sysfs and mountinfo write it.
+    pub fn parse(text: &str) -> Option<DevNum> {
         let (major, minor) = text.trim().split_once(':')?;
         Some(DevNum {
             major: major.parse().ok()?,
