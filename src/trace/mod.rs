@@ -163,7 +163,8 @@ pub struct WriteEvent {
     /// events, often an interrupt or kernel thread for completions.
     pub pid: u32,
     /// Trace clock time in nanoseconds (tracefs: the instance's `trace_clock`,
-    /// `local` by default; blktrace: `ktime_get`).
+    /// `local` by default, `mono` (CLOCK_MONOTONIC) in the live source's
+    /// instances; blktrace: `ktime_get`, also CLOCK_MONOTONIC).
     pub timestamp_ns: u64,
     /// CPU whose buffer held the event.
     pub cpu: u32,
