@@ -30,8 +30,7 @@ pub struct SourceDevice {
 
 impl SourceDevice {
     pub fn open(path: &Path) -> anyhow::Result<SourceDevice> {
-        let meta =
-            fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+        let meta = fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
         if !meta.file_type().is_block_device() {
             bail!("{} is not a block device", path.display());
         }
@@ -81,8 +80,8 @@ impl SourceDevice {
     /// `/sys/block/<disk>/inflight`: (reads, writes) in flight on the whole disk.
     pub fn inflight(&self) -> anyhow::Result<(u64, u64)> {
         let path = PathBuf::from(format!("/sys/block/{}/inflight", self.disk_name));
-        let text = fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
         match (fields.next(), fields.next()) {
             (Some(Ok(reads)), Some(Ok(writes))) => Ok((reads, writes)),

@@ -1,1 +1,568 @@
-//! The read engine (being written).
+//! The read engine: reads byte extents of the source device with O_DIRECT
+//! through one io_uring per pinned worker thread, and hands every completed
+//! read to a callback as soon as it completes.
+//!
+//! # Shape
+//!
+//! - [`Engine::new`] probes io_uring, sizes everything from the config and
+//!   allocates it once: one aligned buffer pool (`threads x queue_depth`
+//!   slots of `chunk_bytes`), and per worker a ring with its run of slots
+//!   registered (`IORING_REGISTER_BUFFERS`, read with `ReadFixed`) and the
+//!   device registered as a fixed file. Nothing is allocated per read.
+//! - [`Engine::read_extents`] widens the extents to the logical block size,
+//!   cuts them into reads of at most `chunk_bytes` and lets the workers take
+//!   reads from one shared cursor. Each worker runs on a scoped thread pinned
+//!   to its core, keeps up to `queue_depth` reads in flight on its ring, and
+//!   calls `deliver` for each completed read on its own thread. The threads
+//!   live for one call: spawning two threads costs tens of microseconds, and
+//!   scoped threads let `deliver` borrow from the caller without any unsafe
+//!   lifetime extension.
+//! - `user_data` of every SQE is the slot index into the worker's fixed slot
+//!   table; a slot's buffer belongs to the kernel from submission until its
+//!   completion is reaped (see `worker.rs`), and no call returns with a read
+//!   in flight.
+//!
+//! # What is delivered
+//!
+//! The widened range: each extent is rounded outward to whole logical blocks
+//! and clamped to the device end, so deliveries are always a superset of what
+//! was asked, block-aligned, in pieces of at most `chunk_bytes`, in any order.
+//! Overlapping widened neighbours (sorted input, as the dirty map yields it)
+//! are read once.
+//!
+//! # Defaults
+//!
+//! `0` in any [`EngineConfig`] field means "the engine picks": threads = CPUs
+//! in this process's affinity mask; queue depth and chunk size by device kind
+//! ([`DeviceKind`], measured in PERF.md): 2 reads of 1 MiB per worker on
+//! inline devices (zram); on queued devices (loop, NVMe) 1 MiB reads, as many
+//! per worker as share an in-flight budget of 256 MiB (at most 1/32 of RAM),
+//! 8 to 128 per worker: 128 with two workers.
+
+mod plan;
+mod pool;
+mod tune;
+mod worker;
+
+pub use tune::DeviceKind;
+
+use crate::device::SourceDevice;
+use crate::dirty::Extent;
+use hdrhistogram::Histogram;
+use io_uring::{IoUring, opcode};
+use plan::{Chunk, Cursor, Geometry};
+use pool::BufferPool;
+use std::fs::File;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use worker::{WorkerReport, WorkerRing};
+
+/// Worker threads at most.
+pub const THREADS_MAX: usize = 256;
+/// Reads in flight per ring at most (and registered buffers per ring; the
+/// kernel allows 16384).
+pub const QUEUE_DEPTH_MAX: u32 = 4096;
+/// Bytes per read at most. Larger reads gain nothing measurable and pin more
+/// memory per slot.
+pub const CHUNK_BYTES_MAX: u32 = 64 << 20;
+/// Every buffer starts on a boundary of at least this (a page), more if the
+/// logical block is larger.
+pub const BUFFER_ALIGN_BYTES_MIN: u32 = 4096;
+
+const _: () = assert!(CHUNK_BYTES_MAX.is_multiple_of(BUFFER_ALIGN_BYTES_MIN));
+const _: () = assert!(QUEUE_DEPTH_MAX <= u16::MAX as u32);
+const _: () = assert!(tune::CHUNK_BYTES_INLINE.is_multiple_of(BUFFER_ALIGN_BYTES_MIN));
+const _: () = assert!(tune::CHUNK_BYTES_QUEUED.is_multiple_of(BUFFER_ALIGN_BYTES_MIN));
+
+/// How the engine reads. `0` in a field means "pick the default" (see the
+/// module documentation); `Default` is all zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Worker threads, each with its own ring. 0 = the number of CPUs in
+    /// this process's affinity mask.
+    pub threads: usize,
+    /// Reads in flight per ring (`-queue-depth`). 0 = by device kind.
+    pub queue_depth: u32,
+    /// Largest read in bytes (`--chunk`), rounded down to the logical block
+    /// size (at least one block). 0 = by device kind. Not capped to the
+    /// queue's `max_sectors_kb`: the kernel splits larger reads more cheaply
+    /// than we can issue small ones.
+    pub chunk_bytes: u32,
+}
+
+/// What the engine resolved its config to, for logs and `--stats-json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSettings {
+    pub threads: usize,
+    pub queue_depth: u32,
+    pub chunk_bytes: u32,
+    pub device_kind: DeviceKind,
+    pub logical_block_bytes: u32,
+    /// Buffers registered with every ring (reads use `ReadFixed`).
+    pub registered_buffers: bool,
+    /// Bytes of read buffers, allocated once.
+    pub pool_bytes: usize,
+    /// Anything that fell back (registration refused, pinning failed).
+    pub notes: Vec<String>,
+}
+
+/// One completed read, lent to `deliver`: the buffer is reused once the call
+/// returns.
+#[derive(Debug)]
+pub struct ReadDone<'a> {
+    /// Where `data` starts on the device; a multiple of the logical block.
+    pub offset_bytes: u64,
+    /// A multiple of the logical block size, at most `chunk_bytes`.
+    pub data: &'a [u8],
+}
+
+/// What one `read_extents` call did.
+#[derive(Clone, Debug)]
+pub struct ReadStats {
+    /// Bytes delivered (the widened ranges).
+    pub bytes_read: u64,
+    /// Reads delivered (a read resubmitted after a short read counts once).
+    pub reads: u64,
+    /// Per read, first submission to final completion, microseconds;
+    /// merged over the workers.
+    pub latency_us: Histogram<u64>,
+    pub elapsed: Duration,
+}
+
+/// The stop flag was set: the call returned early, with no read in flight.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before every read was done")]
+pub struct Stopped;
+
+/// io_uring cannot be used on this kernel or in this process.
+#[derive(Debug, thiserror::Error)]
+#[error("io_uring unavailable: {reason}")]
+pub struct IoUringUnavailable {
+    pub reason: String,
+}
+
+/// A read of the device failed (after retries, for EAGAIN/EINTR).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read {len_bytes} bytes at byte offset {offset_bytes} of {}: {source}",
+    device.display()
+)]
+pub struct ReadError {
+    pub device: PathBuf,
+    pub offset_bytes: u64,
+    pub len_bytes: u32,
+    /// EAGAIN/EINTR retries before the read was given up.
+    pub retry_count: u32,
+    #[source]
+    pub source: io::Error,
+}
+
+impl ReadError {
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+pub struct Engine {
+    // Dropped explicitly in `Drop`: the rings (holding the registration)
+    // before the pool, and the pool not at all if a read was abandoned.
+    workers: Box<[Mutex<WorkerRing>]>,
+    pool: ManuallyDrop<BufferPool>,
+    /// Our own descriptor of the device (a dup: the engine does not borrow
+    /// the `SourceDevice`).
+    _file: File,
+    device_path: PathBuf,
+    device_bytes: u64,
+    /// Where each worker is pinned; `None` when the mask was unreadable.
+    cores: Box<[Option<core_affinity::CoreId>]>,
+    settings: EngineSettings,
+    /// One `read_extents` at a time: the workers' rings are not shared.
+    run_lock: Mutex<()>,
+}
+
+impl Engine {
+    pub fn new(device: &SourceDevice, config: EngineConfig) -> anyhow::Result<Engine> {
+        probe_io_uring()?;
+        let logical_block_bytes = device.logical_block_bytes;
+        anyhow::ensure!(
+            logical_block_bytes.is_power_of_two() && logical_block_bytes >= 512,
+            "{}: logical block size {logical_block_bytes} is not a power of two of at least 512",
+            device.path.display()
+        );
+        anyhow::ensure!(
+            device
+                .size_bytes
+                .is_multiple_of(u64::from(logical_block_bytes)),
+            "{}: size {} is not a multiple of its logical block size {logical_block_bytes}",
+            device.path.display(),
+            device.size_bytes
+        );
+        let device_kind = DeviceKind::detect(&device.disk_name);
+        let core_ids = core_affinity::get_core_ids().filter(|ids| !ids.is_empty());
+        let threads = match config.threads {
+            0 => core_ids.as_ref().map_or(1, Vec::len),
+            threads => threads,
+        };
+        anyhow::ensure!(
+            threads <= THREADS_MAX,
+            "{threads} threads: at most {THREADS_MAX}"
+        );
+        let chunk_bytes = resolve_chunk_bytes(config.chunk_bytes, device_kind, logical_block_bytes);
+        let queue_depth = match config.queue_depth {
+            0 => device_kind.queue_depth_default(threads, chunk_bytes),
+            queue_depth => queue_depth,
+        };
+        anyhow::ensure!(
+            queue_depth <= QUEUE_DEPTH_MAX,
+            "queue depth {queue_depth}: at most {QUEUE_DEPTH_MAX}"
+        );
+        let align_bytes = logical_block_bytes.max(BUFFER_ALIGN_BYTES_MIN);
+        // A slot is whole alignment units so every slot start stays aligned.
+        let slot_bytes = chunk_bytes.next_multiple_of(align_bytes);
+        let pool = BufferPool::new(
+            threads * queue_depth as usize,
+            slot_bytes as usize,
+            align_bytes as usize,
+        )?;
+        let file = device.file.try_clone().map_err(|err| {
+            anyhow::anyhow!(
+                "cannot duplicate the descriptor of {}: {err}",
+                device.path.display()
+            )
+        })?;
+        let mut notes = Vec::new();
+        let mut workers = Vec::with_capacity(threads);
+        for worker_index in 0..threads {
+            let slot_ptrs: Box<[*mut u8]> = (0..queue_depth as usize)
+                .map(|i| pool.slot_ptr(worker_index * queue_depth as usize + i))
+                .collect();
+            // SAFETY: these slots are this worker's alone, slot_bytes long and
+            // aligned; the pool outlives the ring (dropped after it in Drop,
+            // or leaked if a read was abandoned).
+            let ring = unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, slot_bytes) }
+                .map_err(|err| io_uring_error("cannot create a ring", err))?;
+            if let Some(note) = &ring.registration_note {
+                notes.push(format!("worker {worker_index}: {note}"));
+            }
+            workers.push(Mutex::new(ring));
+        }
+        let registered_buffers = workers.iter_mut().all(|w| {
+            w.get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .registered_buffers()
+        });
+        let cores: Box<[Option<core_affinity::CoreId>]> = (0..threads)
+            .map(|i| core_ids.as_ref().map(|ids| ids[i % ids.len()]))
+            .collect();
+        if core_ids.is_none() {
+            notes.push("cannot read the CPU affinity mask: workers are not pinned".to_string());
+        }
+        let settings = EngineSettings {
+            threads,
+            queue_depth,
+            chunk_bytes,
+            device_kind,
+            logical_block_bytes,
+            registered_buffers,
+            pool_bytes: pool.total_bytes(),
+            notes,
+        };
+        Ok(Engine {
+            workers: workers.into_boxed_slice(),
+            pool: ManuallyDrop::new(pool),
+            _file: file,
+            device_path: device.path.clone(),
+            device_bytes: device.size_bytes,
+            cores,
+            settings,
+            run_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Reads every byte of `extents` (byte offsets and lengths on the device,
+    /// whole 512-byte sectors, none starting past the device end; sorted and
+    /// disjoint reads best) and calls `deliver` with each completed read, on
+    /// the worker thread, as soon as it completes, in any order. What is
+    /// delivered is each extent widened to whole logical blocks and clamped
+    /// to the device end (module documentation).
+    ///
+    /// Returns when everything is read and delivered, or on the first error:
+    /// a [`ReadError`] (device, offset, length, errno), an error of `deliver`
+    /// (with context), or [`Stopped`] once `stop` is seen set. The other
+    /// workers then stop taking reads; nothing is delivered after the first
+    /// error; the call returns only when no read is in flight. A panic in
+    /// `deliver` is re-raised here, also after every read has completed.
+    ///
+    /// `progress` is increased by each delivered read's length.
+    pub fn read_extents(
+        &self,
+        extents: &[Extent],
+        deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
+        progress: Option<&AtomicU64>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<ReadStats> {
+        let started = Instant::now();
+        let _one_at_a_time = lock(&self.run_lock);
+        let geometry = Geometry::new(
+            self.device_bytes,
+            u64::from(self.settings.logical_block_bytes),
+            u64::from(self.settings.chunk_bytes),
+        );
+        for extent in extents {
+            geometry.check_extent(extent);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(Stopped.into());
+        }
+        let job = Job {
+            device: &self.device_path,
+            geometry,
+            cursor: Mutex::new(Cursor::new(geometry, extents)),
+            deliver,
+            progress,
+            stop,
+            halted: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        };
+        // No more workers than reads: a catch-up of one block uses one.
+        let crew = (geometry
+            .read_count_max(extents)
+            .min(self.workers.len() as u64)) as usize;
+        let mut reports: Vec<WorkerReport> = Vec::with_capacity(crew);
+        let mut panic_payload = None;
+        std::thread::scope(|scope| {
+            let mut handles = Vec::with_capacity(crew);
+            for (worker_index, worker) in self.workers.iter().enumerate().take(crew) {
+                let core = self.cores[worker_index];
+                let job = &job;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("hc-read-{worker_index}"))
+                    .spawn_scoped(scope, move || {
+                        if let Some(core) = core {
+                            // Best effort: an unpinned worker reads as well.
+                            core_affinity::set_for_current(core);
+                        }
+                        lock(worker).run(job)
+                    });
+                match spawned {
+                    Ok(handle) => handles.push(handle),
+                    Err(err) => {
+                        job.fail(anyhow::anyhow!(
+                            "cannot start read worker {worker_index}: {err}"
+                        ));
+                        break;
+                    }
+                }
+            }
+            for handle in handles {
+                match handle.join() {
+                    Ok(report) => reports.push(report),
+                    Err(payload) => panic_payload = Some(payload),
+                }
+            }
+        });
+        if let Some(payload) = panic_payload {
+            std::panic::resume_unwind(payload);
+        }
+        if let Some(err) = job
+            .first_error
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Err(err);
+        }
+        let mut latency_us = Histogram::new_with_bounds(1, worker::LATENCY_US_MAX, 3)
+            .expect("constant histogram bounds are valid");
+        for worker in self.workers.iter().take(crew) {
+            latency_us
+                .add(&lock(worker).latency_us)
+                .expect("histograms of the same bounds merge");
+        }
+        Ok(ReadStats {
+            bytes_read: reports.iter().map(|r| r.bytes_read).sum(),
+            reads: reports.iter().map(|r| r.reads).sum(),
+            latency_us,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let abandoned_reads = self.workers.iter_mut().any(|w| {
+            w.get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .abandoned_reads
+        });
+        // Close the rings (and their registration) first.
+        drop(std::mem::take(&mut self.workers));
+        if abandoned_reads {
+            // The kernel may still write into these buffers: never free them.
+            return;
+        }
+        // SAFETY: dropped exactly once, here; no ring and no read in flight
+        // refers to it any more.
+        unsafe { ManuallyDrop::drop(&mut self.pool) }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.device_path)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `read_extents` call, shared by its workers.
+pub(crate) struct Job<'a> {
+    pub device: &'a Path,
+    pub geometry: Geometry,
+    cursor: Mutex<Cursor<'a>>,
+    pub deliver: &'a (dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
+    pub progress: Option<&'a AtomicU64>,
+    stop: &'a AtomicBool,
+    /// Set on the first error or stop: workers take no more reads and
+    /// deliver nothing more.
+    halted: AtomicBool,
+    first_error: Mutex<Option<anyhow::Error>>,
+}
+
+impl Job<'_> {
+    pub fn next_chunk(&self) -> Option<Chunk> {
+        lock(&self.cursor).next_chunk()
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::Relaxed)
+    }
+
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::Relaxed);
+    }
+
+    /// Halts the job if the caller set the stop flag.
+    pub fn poll_stop(&self) {
+        if !self.is_halted() && self.stop.load(Ordering::Relaxed) {
+            self.fail(Stopped.into());
+        }
+    }
+
+    /// Records `err` unless an error came first, and halts the job.
+    pub fn fail(&self, err: anyhow::Error) {
+        let mut first_error = lock(&self.first_error);
+        if first_error.is_none() {
+            *first_error = Some(err);
+        }
+        self.halt();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker that panicked left its ring drained and consistent (see
+    // `WorkerRing::run`), so a poisoned lock holds nothing broken.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn resolve_chunk_bytes(requested_bytes: u32, kind: DeviceKind, logical_block_bytes: u32) -> u32 {
+    let bytes = match requested_bytes {
+        0 => kind.chunk_bytes_default(),
+        bytes => bytes,
+    };
+    let bytes = bytes.min(CHUNK_BYTES_MAX);
+    (bytes - bytes % logical_block_bytes).max(logical_block_bytes)
+}
+
+fn io_uring_error(what: &str, err: io::Error) -> anyhow::Error {
+    let reason = match err.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS)".to_string(),
+        Some(libc::EPERM) => format!(
+            "{what}: not permitted ({err}); see sysctl kernel.io_uring_disabled and any seccomp or \
+             container policy"
+        ),
+        _ => format!("{what}: {err}"),
+    };
+    IoUringUnavailable { reason }.into()
+}
+
+/// Checks that io_uring exists, may be used, and can read (`READ`,
+/// `READ_FIXED`), and says which of these fails.
+pub fn probe_io_uring() -> anyhow::Result<()> {
+    let ring: IoUring = IoUring::new(2).map_err(|err| io_uring_error("io_uring_setup", err))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|err| IoUringUnavailable {
+            reason: format!(
+                "cannot probe its operations (IORING_REGISTER_PROBE needs Linux 5.6): {err}"
+            ),
+        })?;
+    for (code, name) in [
+        (opcode::Read::CODE, "IORING_OP_READ"),
+        (opcode::ReadFixed::CODE, "IORING_OP_READ_FIXED"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(IoUringUnavailable {
+                reason: format!("the kernel does not support {name}"),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_round_down_to_the_block_and_stay_in_bounds() {
+        let queued = DeviceKind::Queued;
+        assert_eq!(
+            resolve_chunk_bytes(0, queued, 512),
+            tune::CHUNK_BYTES_QUEUED
+        );
+        assert_eq!(resolve_chunk_bytes(1_000_000, queued, 4096), 999_424);
+        assert_eq!(resolve_chunk_bytes(1_000_000, queued, 512), 999_936);
+        assert_eq!(resolve_chunk_bytes(100, queued, 4096), 4096);
+        assert_eq!(resolve_chunk_bytes(u32::MAX, queued, 4096), CHUNK_BYTES_MAX);
+    }
+
+    #[test]
+    fn io_uring_is_available_here() {
+        // The machines this is built for run Linux 6.x with io_uring.
+        probe_io_uring().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_device_offset_and_errno() {
+        let err = ReadError {
+            device: PathBuf::from("/dev/loop7"),
+            offset_bytes: 4096,
+            len_bytes: 512,
+            retry_count: 0,
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("/dev/loop7") && text.contains("4096") && text.contains("os error 5"),
+            "{text}"
+        );
+        assert_eq!(err.errno(), Some(libc::EIO));
+        let err = io_uring_error("io_uring_setup", io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(
+            err.to_string().starts_with("io_uring unavailable: "),
+            "{err}"
+        );
+    }
+}

@@ -236,8 +236,213 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is plain owned memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        AlignedBuf { ptr, layout }
+    }
+
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr owns layout.size() initialised bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// The whole content of a block device, read with O_DIRECT (so no stale
+/// page cache can hide what is on it).
+pub fn read_device(path: &Path) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let size = device_size(path);
+    let mut out = Vec::with_capacity(size as usize);
+    let mut buf = AlignedBuf::new(1 << 20);
+    while (out.len() as u64) < size {
+        let n = file.read_at(buf.as_mut(), out.len() as u64).unwrap();
+        assert!(n > 0, "short device read at {}", out.len());
+        out.extend_from_slice(&buf.as_mut()[..n]);
+    }
+    out
+}
+
+pub fn device_size(path: &Path) -> u64 {
+    sh("blockdev", &["--getsize64", path.to_str().unwrap()])
+        .parse()
+        .unwrap()
+}
+
+pub fn logical_block_size(path: &Path) -> u64 {
+    sh("blockdev", &["--getss", path.to_str().unwrap()])
+        .parse()
+        .unwrap()
+}
+
+/// zram0 sized for one test at a time: a lock file serialises its users
+/// across test processes; reset on drop.
+pub struct Zram {
+    pub path: PathBuf,
+    _lock: fs::File,
+}
+
+impl Zram {
+    pub fn new(size_bytes: u64) -> Zram {
+        require_root("size zram0");
+        use std::os::fd::AsRawFd;
+        let lock =
+            fs::File::create(std::env::temp_dir().join("hot-clone-tests-zram.lock")).unwrap();
+        // SAFETY: flock on an fd we own.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert!(
+            Path::new("/sys/block/zram0").exists(),
+            "zram0 is missing: this test needs the zram module (modprobe zram)"
+        );
+        let _ = fs::write("/sys/block/zram0/reset", "1");
+        fs::write("/sys/block/zram0/disksize", size_bytes.to_string()).unwrap();
+        Zram {
+            path: PathBuf::from("/dev/zram0"),
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for Zram {
+    fn drop(&mut self) {
+        let _ = fs::write("/sys/block/zram0/reset", "1");
+    }
+}
+
+/// Fills a device with pseudo-random data (O_DIRECT).
+pub fn fill_device(path: &Path, seed: u64) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let size = device_size(path);
+    let mut buf = AlignedBuf::new(1 << 20);
+    let mut at = 0u64;
+    let lbs = logical_block_size(path);
+    while at < size {
+        let n = ((size - at).min(1 << 20) / lbs * lbs) as usize;
+        let data = patterned(n, seed ^ at);
+        buf.as_mut()[..n].copy_from_slice(&data);
+        file.write_all_at(&buf.as_mut()[..n], at).unwrap();
+        at += n as u64;
+    }
+}
+
+/// A random writer on a device: O_DIRECT writes of 1 to 16 logical blocks
+/// at random places (every 8th at the first or last block), until stopped.
+pub struct RandomWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+    pub seed: u64,
+}
+
+impl RandomWriter {
+    /// `range` is a byte range of the device (e.g. a partition on a disk).
+    pub fn start(
+        path: &Path,
+        range: std::ops::Range<u64>,
+        seed: u64,
+        pause_us: u64,
+    ) -> RandomWriter {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lbs = logical_block_size(path);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .unwrap();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let blocks = (range.end - range.start) / lbs;
+            let mut buf = AlignedBuf::new(16 * lbs as usize);
+            let mut count = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                let len = (1 + next() % 16).min(blocks);
+                let first = match count % 8 {
+                    0 => 0,
+                    1 => blocks - len,
+                    _ => next() % (blocks - len + 1),
+                };
+                let bytes = (len * lbs) as usize;
+                let fill = next();
+                for (i, b) in buf.as_mut()[..bytes].iter_mut().enumerate() {
+                    *b = (fill >> (i % 57)) as u8 ^ count as u8;
+                }
+                file.write_all_at(&buf.as_mut()[..bytes], range.start + first * lbs)
+                    .unwrap();
+                count += 1;
+                if pause_us > 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(pause_us));
+                }
+            }
+            count
+        });
+        RandomWriter {
+            stop,
+            handle: Some(handle),
+            seed,
+        }
+    }
+
+    /// Stops the writer; returns the number of writes it made (all complete).
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.take().unwrap().join().expect("writer panicked")
+    }
+}
+
+impl Drop for RandomWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }

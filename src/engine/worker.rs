@@ -1,0 +1,631 @@
+//! One worker: an io_uring, its run of pool slots, and the loop that keeps
+//! `queue_depth` reads in flight until the shared cursor runs dry.
+//!
+//! Ownership of a slot's buffer, the invariant everything here keeps:
+//!
+//! - `Slot::Free`: the worker owns the buffer; nothing reads or writes it.
+//! - `Slot::InFlight`: the kernel owns it from the push of its SQE until its
+//!   CQE is reaped. The user_data of the SQE is the slot index, nothing else.
+//! - After the CQE is reaped the worker owns it again: it resubmits the rest
+//!   (short read, EAGAIN) or lends it to `deliver` for the duration of one
+//!   call, then frees the slot. A slot is never resubmitted while lent.
+//!
+//! The worker never leaves `run` with a read in flight, not on an error, a
+//! stop or a panic (see [`WorkerRing::run`]), and the engine drops its rings
+//! before the pool, so the kernel never writes into freed memory.
+
+use super::plan::Chunk;
+use super::{Job, ReadDone, ReadError};
+use hdrhistogram::Histogram;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use std::io;
+use std::os::unix::io::RawFd;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+/// Retries of one read that failed with EAGAIN or EINTR (the kernel could
+/// not take it right now) before it counts as failed.
+pub(crate) const READ_RETRIES_MAX: u32 = 16;
+/// Turns in a row in which `io_uring_enter` pushed back (EAGAIN/EBUSY) and
+/// no completion arrived, before the worker gives up. With
+/// [`BACKPRESSURE_PAUSE`] between turns this is about a second.
+pub(crate) const BACKPRESSURE_TURNS_MAX: u32 = 10_000;
+const BACKPRESSURE_PAUSE: Duration = Duration::from_micros(100);
+/// `IORING_ENTER_GETEVENTS` from <linux/io_uring.h>.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+/// Largest latency the histogram records exactly (an hour); longer reads
+/// are recorded as this.
+pub(crate) const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Free,
+    InFlight(ReadInFlight),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ReadInFlight {
+    chunk: Chunk,
+    /// Bytes of the chunk already read (a short read resubmits the rest).
+    done_bytes: u32,
+    retry_count: u32,
+    /// First submission of the chunk: the latency covers retries.
+    submitted_at: Instant,
+}
+
+/// Counters of one worker for one `read_extents` call.
+pub(crate) struct WorkerReport {
+    pub bytes_read: u64,
+    pub reads: u64,
+}
+
+pub(crate) struct WorkerRing {
+    ring: IoUring,
+    /// The device, as a registered file (index 0) when `fixed_file`.
+    fd: RawFd,
+    fixed_file: bool,
+    /// Buffers registered: slot `i` is registered buffer `i`, read with
+    /// `ReadFixed`; otherwise plain `Read` (the kernel pins pages per read).
+    registered_buffers: bool,
+    /// `slots[i]`'s buffer, `slot_bytes` long.
+    slot_ptrs: Box<[*mut u8]>,
+    slot_bytes: u32,
+    slots: Box<[Slot]>,
+    /// Stack of free slot indexes: `free_slots[..free_count]`.
+    free_slots: Box<[u16]>,
+    free_count: usize,
+    /// SQEs pushed whose CQE has not been reaped yet.
+    in_flight_count: usize,
+    /// CQEs of one turn, collected before any is handled: (user_data, result).
+    completions: Box<[(u64, i32)]>,
+    /// Per-read latency of the current call, microseconds.
+    pub latency_us: Histogram<u64>,
+    /// Why buffers or the file could not be registered, if they could not.
+    pub registration_note: Option<String>,
+    /// Set when `io_uring_enter` failed in a way that leaves SQEs the kernel
+    /// never took in the ring: the ring must not be entered again.
+    pub broken: Option<String>,
+    /// Reads the kernel may still write that could not be waited for: the
+    /// engine must then leak its pool rather than free it.
+    pub abandoned_reads: bool,
+}
+
+// SAFETY: the raw slot pointers point into the engine's pool, which outlives
+// the ring and is only touched through this worker's slots; the ring itself
+// is Send. A `WorkerRing` is used by one thread at a time (behind a Mutex).
+unsafe impl Send for WorkerRing {}
+
+impl WorkerRing {
+    /// A ring of `slot_ptrs.len()` entries (the queue depth) with the
+    /// slots' buffers and the device registered where the kernel allows.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer in `slot_ptrs` must point to `slot_bytes` of memory,
+    /// aligned for O_DIRECT, used by nothing else, and valid until the
+    /// returned ring is dropped (the kernel keeps the registration, and may
+    /// write into a buffer until its read's completion is reaped).
+    pub unsafe fn new(
+        fd: RawFd,
+        slot_ptrs: Box<[*mut u8]>,
+        slot_bytes: u32,
+    ) -> io::Result<WorkerRing> {
+        let queue_depth = slot_ptrs.len();
+        assert!(queue_depth > 0 && queue_depth <= usize::from(u16::MAX));
+        // The CQ holds at least every read in flight, so it never overflows.
+        let ring = IoUring::builder()
+            .setup_cqsize(2 * queue_depth as u32)
+            .build(queue_depth as u32)?;
+        assert!(ring.params().cq_entries() as usize >= queue_depth);
+        assert!(ring.params().sq_entries() as usize >= queue_depth);
+        let mut notes = Vec::new();
+        let iovecs: Vec<libc::iovec> = slot_ptrs
+            .iter()
+            .map(|&ptr| libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: slot_bytes as usize,
+            })
+            .collect();
+        // SAFETY: the caller guarantees the buffers stay valid and unused by
+        // anything else until the ring (which holds the registration) drops.
+        let registered_buffers = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => true,
+            Err(err) => {
+                notes.push(format!(
+                    "buffers not registered ({err}), reading without ReadFixed"
+                ));
+                false
+            }
+        };
+        let fixed_file = match ring.submitter().register_files(&[fd]) {
+            Ok(()) => true,
+            Err(err) => {
+                notes.push(format!("device file not registered ({err})"));
+                false
+            }
+        };
+        Ok(WorkerRing {
+            ring,
+            fd,
+            fixed_file,
+            registered_buffers,
+            slot_ptrs,
+            slot_bytes,
+            slots: vec![Slot::Free; queue_depth].into_boxed_slice(),
+            free_slots: (0..queue_depth as u16).rev().collect(),
+            free_count: queue_depth,
+            in_flight_count: 0,
+            completions: vec![(0, 0); queue_depth].into_boxed_slice(),
+            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+                .expect("constant histogram bounds are valid"),
+            registration_note: (!notes.is_empty()).then(|| notes.join("; ")),
+            broken: None,
+            abandoned_reads: false,
+        })
+    }
+
+    pub fn registered_buffers(&self) -> bool {
+        self.registered_buffers
+    }
+
+    /// Reads chunks from the job's cursor until it runs dry or the job halts
+    /// (an error anywhere, or the stop flag), and returns with no read in
+    /// flight. A panic (a bug, or in `deliver`) halts the job, waits for
+    /// this ring's reads to complete, and then continues unwinding.
+    pub fn run(&mut self, job: &Job<'_>) -> WorkerReport {
+        self.latency_us.reset();
+        let mut report = WorkerReport {
+            bytes_read: 0,
+            reads: 0,
+        };
+        if let Some(reason) = &self.broken {
+            job.fail(anyhow::anyhow!(
+                "the read engine is unusable after an earlier io_uring failure: {reason}"
+            ));
+            return report;
+        }
+        assert_eq!(self.in_flight_count, 0);
+        assert_eq!(self.free_count, self.slots.len());
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.run_turns(job, &mut report)));
+        if let Err(payload) = outcome {
+            job.halt();
+            self.drain_after_panic();
+            panic::resume_unwind(payload);
+        }
+        assert_eq!(
+            self.in_flight_count, 0,
+            "a worker returned with reads in flight"
+        );
+        report
+    }
+
+    fn run_turns(&mut self, job: &Job<'_>, report: &mut WorkerReport) {
+        let mut cursor_dry = false;
+        let mut backpressure_turn_count = 0u32;
+        // Runs until the cursor is dry or the job halted, and nothing is in
+        // flight: each turn either submits, reaps, or counts toward a bound.
+        loop {
+            job.poll_stop();
+            let halted = job.is_halted();
+            if !halted && !cursor_dry {
+                while self.free_count > 0 {
+                    let Some(chunk) = job.next_chunk() else {
+                        cursor_dry = true;
+                        break;
+                    };
+                    self.free_count -= 1;
+                    let slot_index = usize::from(self.free_slots[self.free_count]);
+                    self.submit(
+                        slot_index,
+                        ReadInFlight {
+                            chunk,
+                            done_bytes: 0,
+                            retry_count: 0,
+                            submitted_at: Instant::now(),
+                        },
+                    );
+                }
+            }
+            if self.in_flight_count == 0 {
+                assert!(halted || cursor_dry, "idle with work left");
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => backpressure_turn_count = 0,
+                // A signal: the next turn polls the stop flag again.
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel cannot take more now (no memory for requests, or
+                // completions to reap first). Reap, pause, try again, bounded.
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    backpressure_turn_count += 1;
+                    if backpressure_turn_count > BACKPRESSURE_TURNS_MAX {
+                        let reason = format!(
+                            "io_uring_enter kept refusing reads of {} for {} turns: {err}",
+                            job.device.display(),
+                            BACKPRESSURE_TURNS_MAX
+                        );
+                        self.give_up(job, report, reason);
+                        return;
+                    }
+                    std::thread::sleep(BACKPRESSURE_PAUSE);
+                }
+                Err(err) => {
+                    let reason = format!(
+                        "io_uring_enter failed while reading {}: {err}",
+                        job.device.display()
+                    );
+                    self.give_up(job, report, reason);
+                    return;
+                }
+            }
+            let completion_count = self.collect_completions();
+            if completion_count > 0 {
+                backpressure_turn_count = 0;
+            }
+            for completion_index in 0..completion_count {
+                let (user_data, result) = self.completions[completion_index];
+                self.handle_completion(job, report, user_data, result);
+            }
+        }
+    }
+
+    /// Pushes the SQE for the rest of `read` into slot `slot_index`.
+    fn submit(&mut self, slot_index: usize, read: ReadInFlight) {
+        match self.slots[slot_index] {
+            Slot::Free => assert!(
+                read.done_bytes == 0 && read.retry_count == 0,
+                "a fresh read"
+            ),
+            Slot::InFlight(previous) => assert_eq!(previous.chunk, read.chunk, "a resubmission"),
+        }
+        let chunk = read.chunk;
+        assert!(read.done_bytes < chunk.len_bytes);
+        assert!(chunk.len_bytes <= self.slot_bytes);
+        let offset_bytes = chunk.offset_bytes + u64::from(read.done_bytes);
+        let len_bytes = chunk.len_bytes - read.done_bytes;
+        // SAFETY: done_bytes < len_bytes <= slot_bytes, inside the slot.
+        let buf = unsafe { self.slot_ptrs[slot_index].add(read.done_bytes as usize) };
+        let entry = match (self.registered_buffers, self.fixed_file) {
+            (true, true) => {
+                opcode::ReadFixed::new(types::Fixed(0), buf, len_bytes, slot_index as u16)
+                    .offset(offset_bytes)
+                    .build()
+            }
+            (true, false) => {
+                opcode::ReadFixed::new(types::Fd(self.fd), buf, len_bytes, slot_index as u16)
+                    .offset(offset_bytes)
+                    .build()
+            }
+            (false, true) => opcode::Read::new(types::Fixed(0), buf, len_bytes)
+                .offset(offset_bytes)
+                .build(),
+            (false, false) => opcode::Read::new(types::Fd(self.fd), buf, len_bytes)
+                .offset(offset_bytes)
+                .build(),
+        };
+        let entry: squeue::Entry = entry.user_data(slot_index as u64);
+        // SAFETY: the buffer is slot `slot_index`'s, which from here until
+        // its completion is reaped belongs to the kernel alone (the slot is
+        // InFlight, never lent or resubmitted meanwhile), and the pool
+        // outlives the ring (see `new`). `run` waits for every completion.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        // The SQ has at least queue_depth entries and the loop submits each
+        // turn, so at most queue_depth SQEs are ever queued: never full.
+        pushed.expect("submission queue full with at most queue_depth reads");
+        self.slots[slot_index] = Slot::InFlight(read);
+        self.in_flight_count += 1;
+    }
+
+    /// Moves every available CQE into `completions`; returns how many.
+    fn collect_completions(&mut self) -> usize {
+        let mut completion_count = 0;
+        let mut completion_queue = self.ring.completion();
+        completion_queue.sync();
+        for cqe in &mut completion_queue {
+            let cqe: cqueue::Entry = cqe;
+            assert!(
+                completion_count < self.completions.len(),
+                "more completions than reads in flight"
+            );
+            self.completions[completion_count] = (cqe.user_data(), cqe.result());
+            completion_count += 1;
+        }
+        drop(completion_queue);
+        assert!(completion_count <= self.in_flight_count);
+        self.in_flight_count -= completion_count;
+        completion_count
+    }
+
+    fn handle_completion(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        user_data: u64,
+        result: i32,
+    ) {
+        let slot_index = usize::try_from(user_data)
+            .ok()
+            .filter(|&index| index < self.slots.len())
+            .unwrap_or_else(|| unreachable!("completion with user_data {user_data}: not a slot"));
+        let Slot::InFlight(mut read) = self.slots[slot_index] else {
+            unreachable!("completion for slot {slot_index}, which has no read in flight")
+        };
+        let chunk = read.chunk;
+        let offset_bytes = chunk.offset_bytes + u64::from(read.done_bytes);
+        let len_bytes = chunk.len_bytes - read.done_bytes;
+        if result < 0 {
+            let errno = -result;
+            let retryable = errno == libc::EAGAIN || errno == libc::EINTR;
+            if retryable && read.retry_count < READ_RETRIES_MAX && !job.is_halted() {
+                read.retry_count += 1;
+                self.submit(slot_index, read);
+                return;
+            }
+            if errno == libc::EFAULT || errno == libc::EBADF {
+                unreachable!(
+                    "read of slot {slot_index} failed with errno {errno}: the engine passed a bad buffer or file"
+                );
+            }
+            job.fail(anyhow::Error::new(ReadError {
+                device: job.device.to_path_buf(),
+                offset_bytes,
+                len_bytes,
+                retry_count: read.retry_count,
+                source: io::Error::from_raw_os_error(errno),
+            }));
+            self.free(slot_index);
+            return;
+        }
+        let got_bytes = result as u32;
+        if got_bytes == 0 {
+            job.fail(anyhow::anyhow!(
+                "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
+                 device (planned for a device of {} bytes; did it shrink?)",
+                job.device.display(),
+                job.geometry.device_bytes
+            ));
+            self.free(slot_index);
+            return;
+        }
+        assert!(
+            got_bytes <= len_bytes,
+            "the kernel read {got_bytes} bytes into a {len_bytes}-byte read"
+        );
+        read.done_bytes += got_bytes;
+        if read.done_bytes < chunk.len_bytes {
+            // A short read: resubmit the rest. Each makes progress, so a read
+            // is resubmitted at most len_bytes / block_bytes times.
+            if job.is_halted() {
+                self.free(slot_index);
+            } else if !u64::from(read.done_bytes).is_multiple_of(job.geometry.block_bytes) {
+                job.fail(anyhow::anyhow!(
+                    "short read of {got_bytes} bytes at byte offset {offset_bytes} of {} is not a \
+                     whole number of {}-byte blocks",
+                    job.device.display(),
+                    job.geometry.block_bytes
+                ));
+                self.free(slot_index);
+            } else {
+                self.submit(slot_index, read);
+            }
+            return;
+        }
+        let latency_us = read
+            .submitted_at
+            .elapsed()
+            .as_micros()
+            .min(u128::from(LATENCY_US_MAX)) as u64;
+        self.latency_us.saturating_record(latency_us.max(1));
+        job.poll_stop();
+        if !job.is_halted() {
+            // SAFETY: the completion is reaped, so the kernel is done with the
+            // slot; it holds chunk.len_bytes bytes it wrote (the read is
+            // complete); and the slot is neither resubmitted nor freed until
+            // deliver returns, after which the slice is gone.
+            let data = unsafe {
+                std::slice::from_raw_parts(
+                    self.slot_ptrs[slot_index].cast_const(),
+                    chunk.len_bytes as usize,
+                )
+            };
+            let delivered = (job.deliver)(ReadDone {
+                offset_bytes: chunk.offset_bytes,
+                data,
+            });
+            match delivered {
+                Ok(()) => {
+                    report.bytes_read += u64::from(chunk.len_bytes);
+                    report.reads += 1;
+                    if let Some(progress) = job.progress {
+                        progress.fetch_add(
+                            u64::from(chunk.len_bytes),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                }
+                Err(err) => job.fail(err.context(format!(
+                    "delivering {} bytes read at byte offset {} of {}",
+                    chunk.len_bytes,
+                    chunk.offset_bytes,
+                    job.device.display()
+                ))),
+            }
+        }
+        self.free(slot_index);
+    }
+
+    fn free(&mut self, slot_index: usize) {
+        assert!(matches!(self.slots[slot_index], Slot::InFlight(_)));
+        self.slots[slot_index] = Slot::Free;
+        assert!(self.free_count < self.free_slots.len());
+        self.free_slots[self.free_count] = slot_index as u16;
+        self.free_count += 1;
+    }
+
+    /// SQEs pushed but not yet taken by the kernel.
+    fn queued_count(&mut self) -> usize {
+        let mut submission_queue = self.ring.submission();
+        submission_queue.sync();
+        submission_queue.len()
+    }
+
+    /// The ring cannot submit: fail the job, wait for the reads the kernel
+    /// did take (their buffers are the kernel's until then), and mark the
+    /// ring broken, since SQEs it never took are still queued in it.
+    fn give_up(&mut self, job: &Job<'_>, report: &mut WorkerReport, reason: String) {
+        job.fail(anyhow::anyhow!("{reason}"));
+        self.broken = Some(reason);
+        // Bounded by the reads the kernel holds: each wait reaps at least one.
+        loop {
+            let kernel_count = self.in_flight_count - self.queued_count();
+            if kernel_count == 0 {
+                break;
+            }
+            // SAFETY: io_uring_enter with nothing to submit only waits for
+            // completions; it touches no memory of ours beyond the rings.
+            let waited = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
+            };
+            if let Err(err) = waited
+                && err.raw_os_error() != Some(libc::EINTR)
+            {
+                // The kernel may still write these buffers: never free them.
+                self.abandoned_reads = true;
+                return;
+            }
+            let completion_count = self.collect_completions();
+            for completion_index in 0..completion_count {
+                let (user_data, result) = self.completions[completion_index];
+                // The job is halted: this only frees the slot.
+                self.handle_completion(job, report, user_data, result);
+            }
+        }
+        // The queued SQEs will never be submitted (the ring is not entered
+        // again), so their buffers are ours.
+        self.in_flight_count = 0;
+    }
+
+    /// After a panic: wait until every read of this ring has completed, so
+    /// no buffer is written after the worker unwinds. Bounded by the reads
+    /// in flight: each wait reaps at least one (or the device never answers).
+    fn drain_after_panic(&mut self) {
+        // Queued SQEs are handed to the kernel too, so each gets a CQE.
+        while self.in_flight_count > 0 {
+            if let Err(err) = self.ring.submit_and_wait(1) {
+                match err.raw_os_error() {
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
+                    _ => {
+                        self.broken = Some(format!("io_uring_enter failed after a panic: {err}"));
+                        self.abandoned_reads = true;
+                        return;
+                    }
+                }
+            }
+            let mut completion_queue = self.ring.completion();
+            completion_queue.sync();
+            let reaped_count = completion_queue.len();
+            completion_queue.for_each(drop);
+            assert!(reaped_count <= self.in_flight_count);
+            self.in_flight_count -= reaped_count;
+        }
+        self.slots.fill(Slot::Free);
+        for (free_index, slot_index) in (0..self.slots.len()).rev().enumerate() {
+            self.free_slots[free_index] = slot_index as u16;
+        }
+        self.free_count = self.slots.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::Extent;
+    use crate::engine::plan::{Cursor, Geometry};
+    use crate::engine::pool::BufferPool;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    /// A worker reading a regular file with O_DIRECT (no root, no block
+    /// device): every fallback of the SQE kinds delivers the file's bytes.
+    fn read_file_with(registered_buffers: bool, fixed_file: bool) {
+        const SLOT_BYTES: u32 = 64 * 1024;
+        const FILE_BYTES: usize = 1024 * 1024 + 8192;
+        let content: Vec<u8> = (0..FILE_BYTES).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let mut scratch = tempfile::NamedTempFile::new().unwrap();
+        scratch.write_all(&content).unwrap();
+        scratch.as_file().sync_all().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(scratch.path())
+            .unwrap();
+        let pool = BufferPool::new(4, SLOT_BYTES as usize, 4096).unwrap();
+        let slot_ptrs: Box<[*mut u8]> = (0..4).map(|i| pool.slot_ptr(i)).collect();
+        // SAFETY: the slots are this ring's alone and the pool outlives it
+        // (declared before it, dropped after it).
+        let mut ring = unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, SLOT_BYTES) }.unwrap();
+        ring.registered_buffers &= registered_buffers;
+        ring.fixed_file &= fixed_file;
+
+        let geometry = Geometry::new(FILE_BYTES as u64, 4096, u64::from(SLOT_BYTES));
+        let extents = [Extent {
+            offset_bytes: 0,
+            len_bytes: FILE_BYTES as u64,
+        }];
+        let read_back = Mutex::new(vec![0u8; FILE_BYTES]);
+        let deliver = |done: ReadDone<'_>| -> anyhow::Result<()> {
+            let at = done.offset_bytes as usize;
+            read_back.lock().unwrap()[at..at + done.data.len()].copy_from_slice(done.data);
+            Ok(())
+        };
+        let progress = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let job = Job {
+            device: scratch.path(),
+            geometry,
+            cursor: Mutex::new(Cursor::new(geometry, &extents)),
+            deliver: &deliver,
+            progress: Some(&progress),
+            stop: &stop,
+            halted: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        };
+        let report = ring.run(&job);
+        assert!(job.first_error.lock().unwrap().is_none());
+        assert_eq!(report.bytes_read, FILE_BYTES as u64);
+        assert_eq!(
+            report.reads,
+            (FILE_BYTES as u64).div_ceil(u64::from(SLOT_BYTES))
+        );
+        assert_eq!(progress.into_inner(), FILE_BYTES as u64);
+        assert_eq!(ring.latency_us.len(), report.reads);
+        assert!(*read_back.lock().unwrap() == content);
+        drop(ring);
+        drop(pool);
+    }
+
+    #[test]
+    fn reads_with_registered_buffers_and_file() {
+        read_file_with(true, true);
+    }
+
+    #[test]
+    fn reads_with_registered_buffers_only() {
+        read_file_with(true, false);
+    }
+
+    #[test]
+    fn reads_with_registered_file_only() {
+        read_file_with(false, true);
+    }
+
+    #[test]
+    fn reads_with_nothing_registered() {
+        read_file_with(false, false);
+    }
+}
