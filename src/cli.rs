@@ -1,24 +1,34 @@
 //! The command line: one clap definition drives parsing and `--help`; the
 //! original tool's single-dash spelling is rewritten into it first.
 
+use crate::demo::{self, DemoOptions};
+use crate::engine::EngineConfig;
 use crate::exit::Exit;
+use crate::image::{self, EventsLost, ImageOptions, Output, Verdict};
 use crate::restore::{self, ImageSource, Options};
 use crate::signals::{self, Interrupted};
+use crate::trace::live::{SourceConfig, SourceKind};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0    done; the result is complete and verified
-  1    error (bad image, I/O failure, refused target); nothing complete-looking left behind
+  0    done; the result is complete and verified (image: every write made
+       while imaging is in the image)
+  1    error (bad image, I/O failure, refused target); an image being written
+       is left without its END trailer, so nothing complete-looking remains
   2    usage error
-  3    the image is intact but records that it is not a complete capture
-       (imaging did not converge, or unreadable source ranges); see the warning
-  130  interrupted by SIGINT/SIGTERM; cleaned up
+  3    image: writes did not quiesce within --max-rounds; the image is
+       complete but marked NOT converged. reassemble/verify: the image is
+       intact but records that it is not a complete capture; see the warning
+  4    image: the trace lost write events; the image has no END trailer
+  130  interrupted by SIGINT/SIGTERM; tracing removed, image has no trailer
 
 The original tool's spelling also works:
+  hot-clone -device DEV [-queue-depth N] [-blktrace.bufsize B -blktrace.bufcount N] > out.hc
   hot-clone -reassemble IMAGE -reassemble-output OUT";
 
 #[derive(Parser, Debug)]
@@ -36,6 +46,20 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Image a live block device to a .hc stream (root).
+    ///
+    /// Traces the device's writes, reads all of it, then re-reads what was
+    /// written meanwhile in catch-up rounds until a round finds nothing new
+    /// with no write in flight. The image goes to standard output (or -o)
+    /// and ends with an END trailer only when the run can vouch for it.
+    /// Nothing is ever written to the device.
+    Image(ImageArgs),
+    /// Show the whole product on a scratch loop device (root).
+    ///
+    /// Makes a loop device over a file in the temp directory, writes to it
+    /// while imaging it, restores the image and checks it equals the device
+    /// byte for byte; removes everything it made.
+    Demo(DemoArgs),
     /// Restore an image to a regular file or a block device.
     ///
     /// A regular file is written under a temporary name beside OUT (mode
@@ -64,6 +88,75 @@ pub struct ReassembleArgs {
     #[arg(long)]
     pub allow_legacy: bool,
     /// Print a summary of the image when done.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// The block device to image (a whole disk or a partition).
+    #[arg(short, long, value_name = "DEV")]
+    pub device: PathBuf,
+    /// Where the image goes (created with mode 0600); - or absent: standard
+    /// output, which must not be a terminal.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Write the image even onto the device being imaged (or, for a whole
+    /// disk, one of its partitions).
+    #[arg(long)]
+    pub force: bool,
+    /// Reader threads, one io_uring each, pinned to a CPU; 0 = the CPUs this
+    /// process may run on.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Reads in flight per thread; 0 = by device kind (2 on zram-like
+    /// devices, up to 128 on queued ones; see PERF.md).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub queue_depth: u32,
+    /// Largest read, e.g. 1M; 0 = by device kind (1 MiB).
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub chunk: u64,
+    /// Where write events come from: blktrace (the classic relay files;
+    /// blocked under kernel lockdown), tracefs, or auto (blktrace, else
+    /// tracefs, saying why).
+    #[arg(long, value_name = "SOURCE", default_value = "auto")]
+    pub event_source: SourceKind,
+    /// Trace buffer unit per CPU, in bytes (the original's
+    /// -blktrace.bufsize); the buffer is this times --blktrace-bufcount.
+    #[arg(long, value_name = "BYTES", default_value = "65536", value_parser = parse_bytes)]
+    pub blktrace_bufsize: u64,
+    /// Trace buffer units per CPU (the original's -blktrace.bufcount).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub blktrace_bufcount: u64,
+    /// Catch-up rounds at most; if writes have not quiesced by then the image
+    /// is finished, marked NOT converged, and the exit status is 3.
+    #[arg(long, value_name = "N", default_value_t = image::ROUNDS_MAX_DEFAULT)]
+    pub max_rounds: u32,
+    /// Log every write event seen (Q queued, C completed) on stderr.
+    #[arg(long)]
+    pub print_writes: bool,
+    /// Write run statistics (throughput, rounds, dirty bytes per round,
+    /// events, latency percentiles) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Keep catching up, without counting rounds, while FILE exists: start
+    /// the run, stop the workload, remove FILE, and the run converges.
+    #[arg(long, value_name = "FILE")]
+    pub hold_file: Option<PathBuf>,
+    /// Say more: the event source, every catch-up round.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Size of the scratch disk, e.g. 256M.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes)]
+    pub size: u64,
+    /// Seed of the demo's data and writes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Say more.
     #[arg(short, long)]
     pub verbose: bool,
 }
@@ -110,6 +203,8 @@ pub fn main() -> ExitCode {
             }
             if error.chain().any(|c| c.is::<Interrupted>()) {
                 Exit::Interrupted.into()
+            } else if error.chain().any(|c| c.is::<EventsLost>()) {
+                Exit::EventsLost.into()
             } else {
                 Exit::Failure.into()
             }
@@ -119,6 +214,15 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
+        Command::Image(args) => run_image(args),
+        Command::Demo(args) => {
+            demo::run(&DemoOptions {
+                size_bytes: args.size,
+                seed: args.seed,
+                verbose: args.verbose,
+            })?;
+            Ok(Exit::Success)
+        }
         Command::Reassemble(args) => {
             let source = ImageSource::from_arg(&args.image);
             let options = Options {
@@ -143,6 +247,87 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             Ok(report_warnings(&outcome.warnings))
         }
     }
+}
+
+fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
+    let output = match args.output {
+        Some(path) if path.as_os_str() != "-" => Output::File(path),
+        _ => {
+            if std::io::stdout().is_terminal() {
+                anyhow::bail!(
+                    "standard output is a terminal; redirect it to a file or pipe (hot-clone image -d DEV > out.hc) or give -o FILE"
+                );
+            }
+            Output::Stdout
+        }
+    };
+    let chunk_bytes = u32::try_from(args.chunk)
+        .map_err(|_| anyhow::anyhow!("--chunk {}: too large", args.chunk))?;
+    let buffer_bytes_per_cpu = args
+        .blktrace_bufsize
+        .checked_mul(args.blktrace_bufcount)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "-blktrace.bufsize x -blktrace.bufcount must be positive and fit 64 bits"
+            )
+        })?;
+    let mut options = ImageOptions::new(args.device, output);
+    options.force = args.force;
+    options.engine = EngineConfig {
+        threads: args.threads,
+        queue_depth: args.queue_depth,
+        chunk_bytes,
+    };
+    options.source = SourceConfig {
+        kind: args.event_source,
+        buffer_bytes_per_cpu,
+    };
+    options.rounds_max = args.max_rounds;
+    options.print_writes = args.print_writes;
+    options.stats_json = args.stats_json;
+    options.hold_file = args.hold_file;
+    options.verbose = args.verbose;
+    let outcome = image::run(&options)?;
+    image::print_summary(&outcome);
+    Ok(match outcome.verdict {
+        Verdict::Converged => {
+            eprintln!("Done");
+            Exit::Success
+        }
+        Verdict::Unconverged { .. } => {
+            eprintln!("Done, but NOT converged (see the warning above)");
+            Exit::Incomplete
+        }
+    })
+}
+
+/// `4096`, `64K`, `1M`, `2G`, `1MiB`: bytes, with binary (1024-based)
+/// suffixes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number of bytes such as 4096, 64K or 1M"))?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {suffix:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?}: too large"))
 }
 
 fn report_warnings(warnings: &[String]) -> Exit {
@@ -173,9 +358,33 @@ const SEED_BOOL_FLAGS: &[&str] = &[
     "reassemble-allow-legacy",
 ];
 
+/// The original's dotted flags, accepted anywhere (also after a
+/// subcommand) as the dashed long options they map to.
+const SEED_DOTTED_FLAGS: &[(&str, &str)] = &[
+    ("blktrace.bufsize", "--blktrace-bufsize"),
+    ("blktrace.bufcount", "--blktrace-bufcount"),
+];
+
+fn dotted_to_dashed(arg: OsString) -> OsString {
+    let Some(text) = arg.to_str() else {
+        return arg;
+    };
+    let Some(name) = seed_flag_name(text) else {
+        return arg;
+    };
+    match SEED_DOTTED_FLAGS.iter().find(|(dotted, _)| *dotted == name) {
+        Some((_, dashed)) => match text.split_once('=') {
+            Some((_, value)) => format!("{dashed}={value}").into(),
+            None => (*dashed).into(),
+        },
+        None => arg,
+    }
+}
+
 /// Rewrites the original tool's spelling into subcommands; any other
 /// command line is returned as it is.
 pub fn seed_spelling(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let args: Vec<OsString> = args.into_iter().map(dotted_to_dashed).collect();
     let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
         return Ok(args);
     };
@@ -242,22 +451,43 @@ pub fn seed_spelling(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
         }
         return Ok(out);
     }
-    if value("device").is_some() {
-        return Err(
-            "-device: live imaging is not part of this build yet; this build restores and verifies images (see hot-clone --help)"
-                .into(),
-        );
+    if let Some(device) = value("device") {
+        out.extend(["image".into(), "--device".into(), device]);
+        for (flag, option) in [
+            ("queue-depth", "--queue-depth"),
+            ("blktrace.bufsize", "--blktrace-bufsize"),
+            ("blktrace.bufcount", "--blktrace-bufcount"),
+        ] {
+            if let Some(v) = value(flag) {
+                out.extend([option.into(), v]);
+            }
+        }
+        if bools.contains(&"print-writes") {
+            out.push("--print-writes".into());
+        }
+        if bools.contains(&"verbose") || bools.contains(&"debug") {
+            out.push("--verbose".into());
+        }
+        if let Some((flag, _)) = values.iter().find(|(f, _)| f.starts_with("reassemble")) {
+            return Err(format!("-{flag} cannot be combined with -device"));
+        }
+        return Ok(out);
     }
     Err(
-        "nothing to do: give -reassemble IMAGE -reassemble-output OUT (see hot-clone --help)"
+        "nothing to do: give -device DEV, or -reassemble IMAGE -reassemble-output OUT (see hot-clone --help)"
             .into(),
     )
 }
 
-/// `-name`, `--name`, `-name=value` → `name`.
+/// `-name`, `--name`, `-name=value` → `name`; the dashed spellings of the
+/// dotted flags give the dotted name.
 fn seed_flag_name(arg: &str) -> Option<&str> {
     let body = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'))?;
     let name = body.split_once('=').map_or(body, |(n, _)| n);
+    let name = SEED_DOTTED_FLAGS
+        .iter()
+        .find(|(_, dashed)| &dashed[2..] == name)
+        .map_or(name, |(dotted, _)| *dotted);
     (!name.is_empty()).then_some(name)
 }
 
@@ -340,6 +570,77 @@ mod tests {
                 .contains("-bogus")
         );
         assert!(rewrite(&["-verbose=maybe"]).is_err());
+    }
+
+    #[test]
+    fn seed_device_spellings() {
+        assert_eq!(
+            rewrite(&[
+                "-device",
+                "/dev/sdb",
+                "-queue-depth=64",
+                "-blktrace.bufsize",
+                "1048576",
+                "-blktrace.bufcount=8",
+                "-print-writes",
+                "-debug"
+            ])
+            .unwrap(),
+            [
+                "image",
+                "--device",
+                "/dev/sdb",
+                "--queue-depth",
+                "64",
+                "--blktrace-bufsize",
+                "1048576",
+                "--blktrace-bufcount",
+                "8",
+                "--print-writes",
+                "--verbose"
+            ]
+        );
+        assert!(
+            rewrite(&["-device", "/dev/sdb", "-reassemble", "x"])
+                .unwrap_err()
+                .contains("cannot be combined")
+        );
+    }
+
+    #[test]
+    fn dotted_flags_work_after_the_subcommand() {
+        assert_eq!(
+            rewrite(&[
+                "image",
+                "-d",
+                "x",
+                "-blktrace.bufsize",
+                "4096",
+                "-blktrace.bufcount=1"
+            ])
+            .unwrap(),
+            [
+                "image",
+                "-d",
+                "x",
+                "--blktrace-bufsize",
+                "4096",
+                "--blktrace-bufcount=1"
+            ]
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("1X").is_err());
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
     }
 
     #[test]

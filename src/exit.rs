@@ -12,10 +12,13 @@ pub enum Exit {
     Failure = 1,
     /// The command line was wrong.
     Usage = 2,
-    /// The image is intact but says it is not a complete capture (the
-    /// imaging run did not converge, or the source had unreadable ranges).
-    /// The restore was done; the warning says which bytes to distrust.
+    /// Imaging: writes did not quiesce within `--max-rounds`; the image is
+    /// complete but marks itself unconverged. Restore/verify: the image is
+    /// intact but says it is not a complete capture (unconverged, or the
+    /// source had unreadable ranges); the warning says what to distrust.
     Incomplete = 3,
+    /// Imaging: the event source lost write events; the image has no trailer.
+    EventsLost = 4,
     /// Stopped by SIGINT or SIGTERM; cleaned up.
     Interrupted = 130,
 }

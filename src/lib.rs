@@ -5,11 +5,13 @@
 
 pub mod blockdev;
 pub mod cli;
+pub mod demo;
 pub mod device;
 pub mod dirty;
 pub mod engine;
 pub mod exit;
 pub mod format;
+pub mod image;
 pub mod restore;
 pub mod signals;
 pub mod trace;

@@ -1,0 +1,403 @@
+//! Live imaging through the real binary, as root: a random writer runs
+//! through the main pass and into the catch-up; after it stops and the run
+//! ends, the reassembled image must equal the device byte for byte.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A running `hot-clone image`, its stderr lines arriving on a channel.
+struct Imaging {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Vec<String>,
+    dir: tempfile::TempDir,
+    hold: PathBuf,
+}
+
+impl Imaging {
+    fn start(device: &Path, extra: &[&str]) -> Imaging {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = dir.path().join("hold");
+        fs::write(&hold, b"").unwrap();
+        let mut cmd = hot_clone();
+        cmd.args(["image", "--device"])
+            .arg(device)
+            .arg("-o")
+            .arg(dir.path().join("image.hc"))
+            .arg("--stats-json")
+            .arg(dir.path().join("stats.json"))
+            .arg("--hold-file")
+            .arg(&hold)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn hot-clone");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Imaging {
+            child,
+            lines,
+            stderr: Vec::new(),
+            dir,
+            hold,
+        }
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("image.hc")
+    }
+
+    /// Waits for a stderr line starting with `prefix`; false if the run
+    /// ended first.
+    fn wait_for(&mut self, prefix: &str) -> bool {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let hit = line.starts_with(prefix);
+                    self.stderr.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        panic!(
+            "no line {prefix:?} within {RUN_TIMEOUT:?}: {:#?}",
+            self.stderr
+        );
+    }
+
+    fn release(&self) {
+        let _ = fs::remove_file(&self.hold);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    fn finish(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.stderr.push(line);
+                }
+                return status;
+            }
+            while let Ok(line) = self.lines.try_recv() {
+                self.stderr.push(line);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("hot-clone did not finish: {:#?}", self.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.join("\n")
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(self.dir.path().join("stats.json")).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Imaging {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Restores `image` to a file and returns its bytes.
+fn restored(image: &Path) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("restored.img");
+    let mut cmd = hot_clone();
+    cmd.arg("reassemble").arg(image).arg("-o").arg(&out);
+    let result = run(cmd, None);
+    assert!(result.status.success(), "reassemble: {}", stderr(&result));
+    fs::read(&out).unwrap()
+}
+
+/// Images `device` while writers run through the main pass and into the
+/// catch-up; then checks the restored image against the device.
+fn image_under_writes(device: &Path, writers: Vec<(PathBuf, std::ops::Range<u64>)>, seed: u64) {
+    let running: Vec<RandomWriter> = writers
+        .iter()
+        .enumerate()
+        .map(|(i, (path, range))| RandomWriter::start(path, range.clone(), seed + i as u64, 50))
+        .collect();
+    let mut imaging = Imaging::start(device, &[]);
+    assert!(
+        imaging.wait_for("Main pass:"),
+        "seed {seed}: {}",
+        imaging.log()
+    );
+    std::thread::sleep(Duration::from_millis(300)); // writes into the catch-up
+    let writes: u64 = running.into_iter().map(RandomWriter::stop).sum();
+    imaging.release();
+    let status = imaging.finish();
+    let log = imaging.log();
+    assert!(status.success(), "seed {seed}: exit {status}\n{log}");
+    assert!(log.contains("Done"), "seed {seed}: {log}");
+    let stats = imaging.stats();
+    let rounds = stats["rounds"].as_array().unwrap().len();
+    assert!(
+        writes > 0 && rounds >= 1,
+        "seed {seed}: {writes} writes, {rounds} rounds\n{log}"
+    );
+    let image = restored(&imaging.image());
+    let now = read_device(device);
+    assert_eq!(image.len(), now.len(), "seed {seed}: size");
+    if let Some(at) = image.iter().zip(&now).position(|(a, b)| a != b) {
+        panic!(
+            "seed {seed}: restored image differs from {} at byte {at} (block {})\n{log}",
+            device.display(),
+            at / 4096
+        );
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("HOT_CLONE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+#[test]
+fn loop_512_under_writes() {
+    let device = LoopDevice::new(96 << 20);
+    fill_device(&device.path, 1);
+    let size = device_size(&device.path);
+    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+}
+
+#[test]
+fn loop_4k_under_writes() {
+    let device = LoopDevice::with_sector_size(96 << 20, 4096);
+    fill_device(&device.path, 2);
+    let size = device_size(&device.path);
+    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+}
+
+#[test]
+fn zram_under_writes() {
+    let zram = Zram::new(256 << 20);
+    fill_device(&zram.path, 3);
+    let size = device_size(&zram.path);
+    image_under_writes(&zram.path, vec![(zram.path.clone(), 0..size)], seed());
+}
+
+#[test]
+fn odd_sized_device_under_writes() {
+    // Not a multiple of the read size (nor of 64 KiB).
+    let device = LoopDevice::new((40 << 20) + 12 * 1024);
+    fill_device(&device.path, 4);
+    let size = device_size(&device.path);
+    assert_eq!(size % (1 << 20), 12 * 1024);
+    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+}
+
+#[test]
+fn partition_at_odd_offset_with_writes_inside_and_outside() {
+    let mut disk = LoopDevice::new(64 << 20);
+    fill_device(&disk.path, 5);
+    let (start, len) = (2049u64, 100_001u64);
+    let partition = disk.add_partition(1, start, len);
+    let disk_size = device_size(&disk.path);
+    let outside = (start + len) * 512..disk_size;
+    image_under_writes(
+        &partition,
+        vec![
+            (partition.clone(), 0..len * 512),
+            (disk.path.clone(), outside),
+            (disk.path.clone(), 0..start * 512 - 512),
+        ],
+        seed(),
+    );
+}
+
+/// The trace stops being read for a while (SIGSTOP) while a writer floods a
+/// tiny trace buffer: events are lost, the run exits 4 and leaves an image
+/// without a trailer, which verify rejects.
+#[test]
+fn lost_events_end_in_status_4_and_no_trailer() {
+    let device = LoopDevice::new(64 << 20);
+    let size = device_size(&device.path);
+    let mut imaging = Imaging::start(
+        &device.path,
+        &[
+            "--event-source",
+            "tracefs",
+            "-blktrace.bufsize",
+            "4096",
+            "-blktrace.bufcount",
+            "1",
+        ],
+    );
+    assert!(imaging.wait_for("Main pass:"), "{}", imaging.log());
+    imaging.signal(libc::SIGSTOP);
+    let writer = RandomWriter::start(&device.path, 0..size, seed(), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    writer.stop();
+    imaging.signal(libc::SIGCONT);
+    imaging.release();
+    let status = imaging.finish();
+    let log = imaging.log();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(log.contains("lost"), "{log}");
+    let mut cmd = hot_clone();
+    cmd.arg("verify").arg(imaging.image());
+    let verify = run(cmd, None);
+    assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
+    assert!(
+        stderr(&verify).contains("no END trailer"),
+        "{}",
+        stderr(&verify)
+    );
+}
+
+fn our_instances(pid: u32) -> Vec<String> {
+    let prefix = format!("hot-clone-{pid}-");
+    fs::read_dir("/sys/kernel/tracing/instances")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_cleans_up_and_sigkill_leftovers_are_removed_by_the_next_run() {
+    let device = LoopDevice::new(32 << 20);
+    fill_device(&device.path, 6);
+
+    let mut imaging = Imaging::start(&device.path, &[]);
+    assert!(imaging.wait_for("Main pass:"), "{}", imaging.log());
+    let pid = imaging.child.id();
+    assert!(
+        !our_instances(pid).is_empty(),
+        "no tracefs instance while running"
+    );
+    imaging.signal(libc::SIGTERM);
+    let status = imaging.finish();
+    assert_eq!(status.code(), Some(130), "{}", imaging.log());
+    assert!(
+        our_instances(pid).is_empty(),
+        "SIGTERM left {:?}",
+        our_instances(pid)
+    );
+
+    let mut killed = Imaging::start(&device.path, &[]);
+    assert!(killed.wait_for("Main pass:"), "{}", killed.log());
+    let killed_pid = killed.child.id();
+    killed.signal(libc::SIGKILL);
+    let _ = killed.finish();
+    assert!(
+        !our_instances(killed_pid).is_empty(),
+        "SIGKILL should leave the instance behind"
+    );
+
+    let mut next = Imaging::start(&device.path, &[]);
+    next.release();
+    let status = next.finish();
+    assert!(status.success(), "{}", next.log());
+    assert!(
+        next.log().contains("Removed tracing left behind"),
+        "{}",
+        next.log()
+    );
+    assert!(our_instances(killed_pid).is_empty());
+    assert_eq!(restored(&next.image()), read_device(&device.path));
+}
+
+#[test]
+fn writes_that_never_stop_end_unconverged_with_status_3() {
+    let device = LoopDevice::new(32 << 20);
+    let size = device_size(&device.path);
+    let writer = RandomWriter::start(&device.path, 0..size, seed(), 0);
+    let mut imaging = Imaging::start(&device.path, &["--max-rounds", "2"]);
+    imaging.release();
+    let status = imaging.finish();
+    writer.stop();
+    let log = imaging.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(log.contains("did not quiesce"), "{log}");
+    let mut cmd = hot_clone();
+    cmd.arg("verify").arg(imaging.image());
+    let verify = run(cmd, None);
+    assert_eq!(verify.status.code(), Some(3), "{}", stderr(&verify));
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("NOT converged"),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[test]
+fn refuses_to_write_the_image_onto_the_imaged_device() {
+    let device = LoopDevice::new(32 << 20);
+    let mounted = Mounted::ext4(&device.path);
+    let mut cmd = hot_clone();
+    cmd.args(["image", "--device"])
+        .arg(&device.path)
+        .arg("-o")
+        .arg(mounted.path().join("self.hc"));
+    let result = run(cmd, None);
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    assert!(stderr(&result).contains("itself"), "{}", stderr(&result));
+}
+
+#[test]
+fn demo_runs_and_cleans_up() {
+    let mut cmd = hot_clone();
+    cmd.args(["demo", "--size", "64M"]);
+    let result = run(cmd, None);
+    let log = stderr(&result);
+    assert!(result.status.success(), "{log}");
+    assert!(log.contains("equals the device byte for byte"), "{log}");
+    let leftovers: Vec<_> = fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("hot-clone-demo-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
