@@ -21,7 +21,9 @@ use crate::blockdev::DevNum;
 use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
 use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
-use crate::format::{Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES};
+use crate::format::{
+    Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_append,
+};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
@@ -765,10 +767,13 @@ impl Run<'_> {
         progress: Option<&AtomicU64>,
     ) -> anyhow::Result<ReadStats> {
         let deliver = |done: ReadDone<'_>| -> anyhow::Result<()> {
+            // Checksummed on the reading thread, in parallel; only the write
+            // itself is serialized.
+            let crc = crc32c_append(0, done.data);
             let mut writer = lock(&self.writer);
             let writer = writer.as_mut().expect("writer present while reading");
             writer
-                .write_section(done.offset_bytes / SECTOR_BYTES, done.data)
+                .write_section_checksummed(done.offset_bytes / SECTOR_BYTES, done.data, crc)
                 .context("cannot write the image")
         };
         match self

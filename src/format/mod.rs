@@ -55,5 +55,11 @@ pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, bytes)
 }
 
+/// The CRC-32C of `a ++ b` from the CRC-32C of `a` and of `b` (`len_b`
+/// bytes long), in O(log len_b).
+pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    crc32c::crc32c_combine(crc_a, crc_b, len_b as usize)
+}
+
 #[cfg(test)]
 mod tests;

@@ -420,3 +420,33 @@ fn legacy_image_ends_at_a_record_boundary_without_trailer() {
     let (device, trailer) = apply(&banner_line()).unwrap();
     assert!(device.is_empty() && trailer.is_none());
 }
+
+proptest! {
+    /// Sections checksummed by the caller make the same stream and trailer.
+    #[test]
+    fn checksummed_sections_match_plain_ones(sections in sections_strategy()) {
+        let banner = Banner::plain();
+        let mut plain = ImageWriter::new(Vec::new(), &banner).unwrap();
+        let mut split = ImageWriter::new(Vec::new(), &banner).unwrap();
+        for (sector, data) in &sections {
+            plain.write_section(*sector, data).unwrap();
+            split
+                .write_section_checksummed(*sector, data, crate::format::crc32c_append(0, data))
+                .unwrap();
+        }
+        let (plain, plain_trailer) = plain.finish().unwrap();
+        let (split, split_trailer) = split.finish().unwrap();
+        prop_assert_eq!(plain_trailer, split_trailer);
+        prop_assert_eq!(plain, split);
+    }
+}
+
+#[test]
+fn a_wrong_caller_checksum_fails_verification() {
+    let mut writer = ImageWriter::new(Vec::new(), &Banner::plain()).unwrap();
+    writer
+        .write_section_checksummed(0, &[1u8; 512], 0xdead_beef)
+        .unwrap();
+    let (image, _) = writer.finish().unwrap();
+    assert!(apply(&image).is_err());
+}

@@ -2,7 +2,7 @@
 //! trailer records (over every byte before the trailer line).
 
 use super::record::{Extent, Record, RunState, Trailer, encode_record};
-use super::{Banner, REVISION_EXTENDED, SECTOR_BYTES, crc32c_append};
+use super::{Banner, REVISION_EXTENDED, SECTOR_BYTES, crc32c_append, crc32c_combine};
 use std::io::{self, Write};
 
 pub struct ImageWriter<W: Write> {
@@ -57,6 +57,28 @@ impl<W: Write> ImageWriter<W> {
             len_bytes: data.len() as u64,
         })?;
         self.write_data(data)
+    }
+
+    /// A whole section whose data CRC-32C the caller computed already
+    /// (`crc32c_append(0, data)`), so that several threads can checksum
+    /// their data in parallel and only the write is serialized. The stream
+    /// and the trailer are the same as [`write_section`](Self::write_section)
+    /// makes; a wrong `data_crc32c` makes a trailer that does not verify.
+    pub fn write_section_checksummed(
+        &mut self,
+        sector: u64,
+        data: &[u8],
+        data_crc32c: u32,
+    ) -> io::Result<()> {
+        self.begin_section(Extent {
+            sector,
+            len_bytes: data.len() as u64,
+        })?;
+        self.inner.write_all(data)?;
+        self.crc32c = crc32c_combine(self.crc32c, data_crc32c, data.len() as u64);
+        self.bytes_written += data.len() as u64;
+        self.section_remaining_bytes = 0;
+        Ok(())
     }
 
     /// A `Z:` record (revision 2): the extent reads as zeros.
