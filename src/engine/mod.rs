@@ -36,8 +36,8 @@
 //! in this process's affinity mask; queue depth and chunk size by device kind
 //! ([`DeviceKind`], measured in PERF.md): 2 reads of 1 MiB per worker on
 //! inline devices (zram); on queued devices (loop, NVMe) 1 MiB reads, as many
-//! per worker as share an in-flight budget of 256 MiB (at most 1/32 of RAM),
-//! 8 to 128 per worker: 128 with two workers.
+//! per worker as share an in-flight budget of 16 MiB (at most 1/32 of RAM),
+//! 8 to 128 per worker: 8 with two workers.
 
 mod plan;
 mod pool;
