@@ -958,26 +958,26 @@ fn pass_stats(stats: &ReadStats) -> PassStats {
 pub fn print_summary(outcome: &Outcome) {
     let stats = &outcome.stats;
     eprintln!(
-        "Main pass: {} at {}; latency {}",
+        "Summary: main pass {} at {}; read latency {}",
         Bytes(stats.main_pass.bytes),
         Rate(stats.main_pass.bytes_per_second),
         stats.main_pass.latency_us
     );
     eprintln!(
-        "Catch-up: {} rounds, {} re-read; latency {}",
+        "Summary: catch-up {} rounds, {} re-read; read latency {}",
         stats.rounds.len(),
         Bytes(stats.catch_up.bytes),
         stats.catch_up.latency_us
     );
     eprintln!(
-        "Events: {} write events seen, {} lost ({}); dirty map {}",
+        "Summary: {} write events seen, {} lost ({}); dirty map {}",
         stats.events.writes_seen,
         stats.events.lost,
         stats.event_source,
         Bytes(stats.dirty_map_memory_bytes)
     );
     eprintln!(
-        "Image: {} in {:.1}s{}",
+        "Summary: image {} in {:.1}s{}",
         Bytes(stats.image_bytes),
         stats.seconds,
         match outcome.verdict {
