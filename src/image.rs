@@ -22,7 +22,7 @@ use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
 use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
 use crate::format::{
-    Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_append,
+    Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
@@ -769,7 +769,7 @@ impl Run<'_> {
         let deliver = |done: ReadDone<'_>| -> anyhow::Result<()> {
             // Checksummed on the reading thread, in parallel; only the write
             // itself is serialized.
-            let crc = crc32c_append(0, done.data);
+            let crc = crc32c_of(done.data);
             let mut writer = lock(&self.writer);
             let writer = writer.as_mut().expect("writer present while reading");
             writer

@@ -50,9 +50,29 @@ pub const RECORD_LINE_MAX_BYTES: usize = 128;
 /// source path, so it may be longer than a record).
 pub const BANNER_LINE_MAX_BYTES: usize = 4096;
 
+/// Buffers at least this long are checksummed by folding (`crc-fast`) and
+/// combined; shorter ones (record lines) with the crc32 instruction loop.
+const CRC_FOLD_BYTES_MIN: usize = 16 << 10;
+
 /// CRC-32C (Castagnoli) as the trailer records it: standard init and final XOR.
 pub fn crc32c_append(crc: u32, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc, bytes)
+    if bytes.len() < CRC_FOLD_BYTES_MIN {
+        return crc32c::crc32c_append(crc, bytes);
+    }
+    let crc_bytes = crc32c_of(bytes);
+    if crc == 0 {
+        crc_bytes
+    } else {
+        crc32c_combine(crc, crc_bytes, bytes.len() as u64)
+    }
+}
+
+/// CRC-32C of `bytes` alone.
+pub fn crc32c_of(bytes: &[u8]) -> u32 {
+    if bytes.len() < CRC_FOLD_BYTES_MIN {
+        return crc32c::crc32c(bytes);
+    }
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
 }
 
 /// The CRC-32C of `a ++ b` from the CRC-32C of `a` and of `b` (`len_b`

@@ -73,6 +73,34 @@ fn crc32c_is_castagnoli() {
     );
 }
 
+#[test]
+fn folded_crc_of_large_buffers_matches_the_instruction_loop() {
+    let data: Vec<u8> = (0..(3 << 20) + 77)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for len in [
+        0,
+        1,
+        16_383,
+        16_384,
+        16_385,
+        65_536 + 3,
+        1 << 20,
+        data.len(),
+    ] {
+        let expected = crc32c::crc32c(&data[..len]);
+        assert_eq!(crc32c_of(&data[..len]), expected, "len {len}");
+        assert_eq!(crc32c_append(0, &data[..len]), expected, "len {len}");
+        // Appended after a prefix, both paths.
+        let split = len / 3;
+        assert_eq!(
+            crc32c_append(crc32c_append(0, &data[..split]), &data[split..len]),
+            expected,
+            "len {len} split {split}"
+        );
+    }
+}
+
 /// Builds, byte by byte, what the original Go tool writes: the banner, one
 /// `S:0` section of the whole device, then one 512-byte section per dirty
 /// sector (no trailer); and what its fork writes (the same plus a trailer).
