@@ -401,3 +401,54 @@ fn demo_runs_and_cleans_up() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Without root, imaging stops at once with one line saying so.
+#[test]
+fn without_root_one_clear_line() {
+    use std::os::unix::process::CommandExt;
+    require_root("run hot-clone as another user");
+    let device = LoopDevice::new(4 << 20);
+    let mut cmd = hot_clone();
+    cmd.args(["image", "--device"])
+        .arg(&device.path)
+        .args(["-o", "/dev/null"])
+        .uid(65534)
+        .gid(65534);
+    let result = run(cmd, None);
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    let message = stderr(&result);
+    assert!(message.contains("needs root"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+}
+
+/// Standard output on a terminal is refused: an image is binary.
+#[test]
+fn a_terminal_is_not_an_output() {
+    let mut cmd = hot_clone();
+    cmd.args(["image", "--device", "/dev/null"]);
+    // A pseudo-terminal as standard output.
+    let mut master = 0;
+    let mut slave = 0;
+    // SAFETY: openpty fills two descriptors we own; no name or settings.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    use std::os::fd::FromRawFd;
+    // SAFETY: fresh descriptors from openpty, owned here.
+    let (master, slave) = unsafe { (fs::File::from_raw_fd(master), fs::File::from_raw_fd(slave)) };
+    cmd.stdout(slave)
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let output = cmd.output().unwrap();
+    drop(master);
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("terminal"), "{message}");
+}
