@@ -346,7 +346,9 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     let writer = lock(&run.writer).take();
     match result {
         Ok((verdict, mut stats)) => {
-            let writer = writer.expect("the writer is taken only here");
+            let Some(writer) = writer else {
+                bail!("the image output failed earlier");
+            };
             let (mut out, trailer) = writer.finish().context("cannot write the image trailer")?;
             out.get_mut()
                 .sync_data()
@@ -520,9 +522,8 @@ impl Run<'_> {
                     self.stop.store(true, Ordering::SeqCst);
                 }
             });
-            let result = self.passes();
-            pump_done.store(true, Ordering::SeqCst);
-            result
+            let _stop_pump = SetOnDrop(&pump_done);
+            self.passes()
         });
         if let Some(error) = lock(&pump_error).take() {
             return Err(error);
@@ -789,11 +790,18 @@ impl Run<'_> {
             // Checksummed on the reading thread, in parallel; only the write
             // itself is serialized.
             let crc = crc32c_of(done.data);
-            let mut writer = lock(&self.writer);
-            let writer = writer.as_mut().expect("writer present while reading");
-            writer
-                .write_section_checksummed(done.offset_bytes / SECTOR_BYTES, done.data, crc)
-                .context("cannot write the image")
+            let mut guard = lock(&self.writer);
+            let Some(writer) = guard.as_mut() else {
+                bail!("the image output failed earlier");
+            };
+            let written =
+                writer.write_section_checksummed(done.offset_bytes / SECTOR_BYTES, done.data, crc);
+            if written.is_err() {
+                // The stream is broken mid-section: nothing more may be
+                // written to it, by this read or one completing later.
+                *guard = None;
+            }
+            written.context("cannot write the image")
         };
         match self
             .engine
@@ -841,9 +849,9 @@ impl Run<'_> {
                     );
                 }
             });
-            let result = self.read(extents, Some(&progress));
-            done.store(true, Ordering::SeqCst);
-            result
+            // Stops the progress thread on every way out, unwinding too.
+            let _stop_progress = SetOnDrop(&done);
+            self.read(extents, Some(&progress))
         })
     }
 
@@ -861,12 +869,15 @@ impl Run<'_> {
     }
 
     fn write_state(&self, state: RunState) -> anyhow::Result<()> {
-        let mut writer = lock(&self.writer);
-        writer
-            .as_mut()
-            .expect("writer present")
-            .write_state(state)
-            .context("cannot write the image")
+        let mut guard = lock(&self.writer);
+        let Some(writer) = guard.as_mut() else {
+            bail!("the image output failed earlier");
+        };
+        let written = writer.write_state(state);
+        if written.is_err() {
+            *guard = None;
+        }
+        written.context("cannot write the image")
     }
 
     /// Fails with [`EventsLost`] once the source has lost an event.
@@ -959,6 +970,16 @@ impl Run<'_> {
             self.stop.store(true, Ordering::SeqCst);
         }
         Ok(())
+    }
+}
+
+/// Sets the flag when dropped: a helper thread's stop signal that also
+/// fires when its scope unwinds.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 

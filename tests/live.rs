@@ -171,6 +171,9 @@ fn image_under_writes(device: &Path, writers: Vec<(PathBuf, std::ops::Range<u64>
         writes > 0 && rounds >= 1,
         "seed {seed}: {writes} writes, {rounds} rounds\n{log}"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(imaging.image()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "seed {seed}: image mode {mode:o}");
     let image = restored(&imaging.image());
     let now = read_device(device);
     assert_eq!(image.len(), now.len(), "seed {seed}: size");
@@ -451,4 +454,31 @@ fn a_terminal_is_not_an_output() {
     assert_eq!(output.status.code(), Some(1));
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(message.contains("terminal"), "{message}");
+}
+
+/// A consumer that goes away (EPIPE) stops the run cleanly: status 1, the
+/// reason named, no tracing left behind.
+#[test]
+fn a_closed_pipe_stops_the_run_cleanly() {
+    let device = LoopDevice::new(64 << 20);
+    fill_device(&device.path, 7);
+    let mut child = hot_clone()
+        .args(["image", "--device"])
+        .arg(&device.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 4096];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert!(first.starts_with(b"This-Is-A-Hot-Clone-Image"));
+    drop(stdout);
+    let pid = child.id();
+    let output = child.wait_with_output().unwrap();
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("Broken pipe"), "{message}");
+    assert!(our_instances(pid).is_empty(), "{:?}", our_instances(pid));
 }
