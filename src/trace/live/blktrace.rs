@@ -520,11 +520,7 @@ impl EventSource for BlktraceSource {
         })?;
         let lost = dropped + self.stream_breaks;
         self.counters.lost_events = lost;
-        for cpu in sys::online_cpus()? {
-            if !self.cpus.contains(&cpu) {
-                return Err(LiveError::CpuOnline { cpu });
-            }
-        }
+        sys::check_no_cpu_came_online(&self.cpus)?;
         Ok(lost)
     }
 

@@ -183,6 +183,15 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
 }
 
 /// The online CPUs.
+/// Fails if a CPU is online that is not in `traced` (the CPUs whose buffers
+/// a source reads): its events would go unread.
+pub fn check_no_cpu_came_online(traced: &[u32]) -> Result<(), LiveError> {
+    match online_cpus()?.into_iter().find(|cpu| !traced.contains(cpu)) {
+        Some(cpu) => Err(LiveError::CpuOnline { cpu }),
+        None => Ok(()),
+    }
+}
+
 pub fn online_cpus() -> Result<Vec<u32>, LiveError> {
     let path = Path::new("/sys/devices/system/cpu/online");
     let text = read_text(path)?;

@@ -547,11 +547,7 @@ impl EventSource for TracefsSource {
         // larger, so nothing is counted twice and nothing is missed.
         let lost = lost_stats.max(self.pages_missed_events) + self.pages_corrupt;
         self.counters.lost_events = lost;
-        for cpu in sys::online_cpus()? {
-            if !self.cpus.contains(&cpu) {
-                return Err(LiveError::CpuOnline { cpu });
-            }
-        }
+        sys::check_no_cpu_came_online(&self.cpus)?;
         Ok(lost)
     }
 
