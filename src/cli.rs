@@ -143,6 +143,13 @@ pub struct ImageArgs {
     /// the run, stop the workload, remove FILE, and the run converges.
     #[arg(long, value_name = "FILE")]
     pub hold_file: Option<PathBuf>,
+    /// Freeze the filesystems mounted from the device (FIFREEZE) for the
+    /// final round only, after converging as far as they let it, and thaw
+    /// them on every way out: the image is then the filesystem at one
+    /// instant, clean, not only crash-consistent. Writes to it block while
+    /// frozen; the time is reported.
+    #[arg(long)]
+    pub freeze: bool,
     /// Say more: the event source, every catch-up round.
     #[arg(short, long)]
     pub verbose: bool,
@@ -288,6 +295,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.stats_json = args.stats_json;
     options.hold_file = args.hold_file;
     options.verbose = args.verbose;
+    options.freeze = args.freeze;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
     Ok(match outcome.verdict {

@@ -24,6 +24,7 @@ use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
 use crate::format::{
     Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
+use crate::freeze::{self, Frozen, Mount};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
@@ -58,6 +59,11 @@ pub const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long a catch-up round waits for no write in flight before it reads
 /// anyway (and then reads its extents again in the next round).
 pub const ROUND_SETTLE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// `--freeze` freezes once a round's dirty set is this small (or the rounds
+/// converged, or ran out): the final rounds, read while frozen, then take
+/// about as long as reading this much.
+pub const FREEZE_DIRTY_BYTES_MAX: u64 = 32 << 20;
 
 /// The pump drains the trace at least this often.
 const PUMP_INTERVAL: Duration = Duration::from_millis(2);
@@ -106,6 +112,8 @@ pub struct ImageOptions {
     pub verbose: bool,
     /// Set once the main pass has read the whole device.
     pub main_pass_done: Option<Arc<AtomicBool>>,
+    /// Freeze the device's mounted filesystems for the final round.
+    pub freeze: bool,
 }
 
 impl ImageOptions {
@@ -122,6 +130,7 @@ impl ImageOptions {
             hold_file: None,
             verbose: false,
             main_pass_done: None,
+            freeze: false,
         }
     }
 }
@@ -169,6 +178,10 @@ pub struct RunStats {
     pub converged: bool,
     /// Bytes that changed during the last round of an unconverged run.
     pub unconverged_changed_bytes: u64,
+    /// `--freeze`: the mountpoints frozen for the final round, and for how
+    /// long writes to them were blocked.
+    pub frozen: Vec<PathBuf>,
+    pub freeze_seconds: Option<f64>,
     pub seconds: f64,
 }
 
@@ -281,6 +294,11 @@ pub struct Outcome {
 pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     require_root()?;
     let device = SourceDevice::open(&options.device)?;
+    let mounts = if options.freeze {
+        mounts_to_freeze(&device, &options.output)?
+    } else {
+        Vec::new()
+    };
     let output = open_output(&options.output, &device, options.force)?;
 
     match live::cleanup_stale_instances() {
@@ -341,6 +359,8 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         stop: AtomicBool::new(false),
         lost: AtomicU64::new(0),
         started: Instant::now(),
+        mounts,
+        freeze_seconds: Mutex::new(None),
     };
     let result = run.image();
     let writer = lock(&run.writer).take();
@@ -377,6 +397,30 @@ fn ignore_unsyncable(error: io::Error) -> io::Result<()> {
     } else {
         Err(error)
     }
+}
+
+/// `--freeze`: the filesystems mounted from the device (or, for a whole
+/// disk, its partitions). The image must not go onto one of them: writing it
+/// would block on the freeze.
+fn mounts_to_freeze(device: &SourceDevice, output: &Output) -> anyhow::Result<Vec<Mount>> {
+    let mut devs = vec![device.dev];
+    devs.extend(crate::blockdev::partitions_of(device.dev));
+    let mounts = freeze::mounts_of(&devs)?;
+    if mounts.is_empty() {
+        bail!(
+            "--freeze: no filesystem is mounted from {}, so there is nothing to freeze (without --freeze the image is crash-consistent)",
+            device.path.display()
+        );
+    }
+    if let Output::File(path) = output
+        && freeze::is_on(path, &mounts)
+    {
+        bail!(
+            "--freeze: the image {} would be written onto a filesystem that the run freezes",
+            path.display()
+        );
+    }
+    Ok(mounts)
 }
 
 fn require_root() -> anyhow::Result<()> {
@@ -500,6 +544,9 @@ struct Run<'a> {
     stop: AtomicBool,
     lost: AtomicU64,
     started: Instant,
+    /// `--freeze`: what to freeze for the final round.
+    mounts: Vec<Mount>,
+    freeze_seconds: Mutex<Option<f64>>,
 }
 
 /// The outcome of waiting for the disk to have no write in flight.
@@ -611,6 +658,8 @@ impl Run<'_> {
             image_bytes: 0,
             converged: verdict == Verdict::Converged,
             unconverged_changed_bytes: changed_bytes,
+            frozen: self.mounts.iter().map(|m| m.mountpoint.clone()).collect(),
+            freeze_seconds: *lock(&self.freeze_seconds),
             seconds: self.started.elapsed().as_secs_f64(),
         };
         Ok((verdict, stats))
@@ -627,14 +676,41 @@ impl Run<'_> {
         let mut extents = Vec::new();
         let mut held_since: Option<Instant> = None;
         let mut last_hold_note = Instant::now();
+        // `--freeze`: thawed when dropped, on every way out of this function.
+        let mut frozen: Option<Frozen> = None;
         loop {
             signals::check()?;
             self.check_events()?;
             let settled = self.settle(ROUND_SETTLE_WAIT_MAX)?;
             extents.clear();
             let dirty_bytes = self.dirty.take_into(&mut extents, EXTENT_BYTES_MAX);
-            let held = self.held();
-            if extents.is_empty() && settled == Settled::Quiet && !held {
+            let held = frozen.is_none() && self.held();
+            let would_converge = extents.is_empty() && settled == Settled::Quiet;
+            if !self.mounts.is_empty()
+                && frozen.is_none()
+                && !held
+                && (would_converge
+                    || dirty_bytes <= FREEZE_DIRTY_BYTES_MAX
+                    || counted >= self.options.rounds_max)
+            {
+                // Converged as far as the live filesystem lets us: freeze it
+                // (which writes back its dirty data and journal, all traced)
+                // and read what is left while nothing can write.
+                for extent in &extents {
+                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
+                }
+                let now_frozen = Frozen::freeze(&self.mounts)?;
+                eprintln!(
+                    "Frozen {} for the final round (after {} rounds)",
+                    now_frozen.describe(),
+                    rounds.len()
+                );
+                frozen = Some(now_frozen);
+                counted = 0; // the frozen rounds have a limit of their own
+                continue;
+            }
+            if would_converge && !held {
+                self.thaw(&mut frozen)?;
                 // Why no write can be missed. Let W be a write to block B that
                 // completed before this round's drain, and R the last read of
                 // B that went into the image.
@@ -668,6 +744,7 @@ impl Run<'_> {
                 return Ok((Verdict::Converged, 0));
             }
             if !held && counted >= self.options.rounds_max {
+                self.thaw(&mut frozen)?;
                 // Put back what was taken so the count below includes it.
                 for extent in &extents {
                     self.mark_bytes(extent.offset_bytes, extent.len_bytes);
@@ -751,6 +828,20 @@ impl Run<'_> {
             }
             rounds.push(round);
         }
+    }
+
+    /// Thaws what `--freeze` froze, if anything, and records for how long.
+    fn thaw(&self, frozen: &mut Option<Frozen>) -> anyhow::Result<()> {
+        if let Some(now_frozen) = frozen.take() {
+            let what = now_frozen.describe();
+            let held = now_frozen.thaw()?;
+            eprintln!(
+                "Thawed {what}: writes were blocked for {:.0} ms",
+                held.as_secs_f64() * 1000.0
+            );
+            *lock(&self.freeze_seconds) = Some(held.as_secs_f64());
+        }
+        Ok(())
     }
 
     fn held(&self) -> bool {
@@ -1016,6 +1107,18 @@ pub fn print_summary(outcome: &Outcome) {
         stats.event_source,
         Bytes(stats.dirty_map_memory_bytes)
     );
+    if let Some(seconds) = stats.freeze_seconds {
+        eprintln!(
+            "Summary: froze {} for {:.0} ms",
+            stats
+                .frozen
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            seconds * 1000.0
+        );
+    }
     eprintln!(
         "Summary: image {} in {:.1}s{}",
         Bytes(stats.image_bytes),

@@ -11,6 +11,7 @@ pub mod dirty;
 pub mod engine;
 pub mod exit;
 pub mod format;
+pub mod freeze;
 pub mod image;
 pub mod restore;
 pub mod signals;
