@@ -150,6 +150,9 @@ pub struct ImageArgs {
     /// frozen; the time is reported.
     #[arg(long)]
     pub freeze: bool,
+    /// Test hook: stay frozen while FILE exists.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub hold_frozen_file: Option<PathBuf>,
     /// Say more: the event source, every catch-up round.
     #[arg(short, long)]
     pub verbose: bool,
@@ -296,6 +299,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.hold_file = args.hold_file;
     options.verbose = args.verbose;
     options.freeze = args.freeze;
+    options.hold_frozen_file = args.hold_frozen_file;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
     Ok(match outcome.verdict {

@@ -114,6 +114,9 @@ pub struct ImageOptions {
     pub main_pass_done: Option<Arc<AtomicBool>>,
     /// Freeze the device's mounted filesystems for the final round.
     pub freeze: bool,
+    /// Test hook: while frozen, stay frozen while this file exists (so a
+    /// test can interrupt a run while the filesystem is frozen).
+    pub hold_frozen_file: Option<PathBuf>,
 }
 
 impl ImageOptions {
@@ -131,6 +134,7 @@ impl ImageOptions {
             verbose: false,
             main_pass_done: None,
             freeze: false,
+            hold_frozen_file: None,
         }
     }
 }
@@ -707,6 +711,19 @@ impl Run<'_> {
                 );
                 frozen = Some(now_frozen);
                 counted = 0; // the frozen rounds have a limit of their own
+                continue;
+            }
+            if frozen.is_some()
+                && self
+                    .options
+                    .hold_frozen_file
+                    .as_deref()
+                    .is_some_and(Path::exists)
+            {
+                for extent in &extents {
+                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
+                }
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
             if would_converge && !held {

@@ -244,6 +244,13 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        // A test that failed while its filesystem was frozen must not leave
+        // it frozen (umount would wait on it).
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.dir.path())
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
