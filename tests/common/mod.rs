@@ -234,6 +234,15 @@ impl Mounted {
         sh("mount", &[dev, dir.path().to_str().unwrap()]);
         Mounted { dir }
     }
+
+    /// XFS (xfsprogs; .ci/run installs it). The device needs 300 MiB.
+    pub fn xfs(device: &Path) -> Mounted {
+        let dev = device.to_str().unwrap();
+        sh("mkfs.xfs", &["-q", "-f", dev]);
+        let dir = tempfile::tempdir().unwrap();
+        sh("mount", &[dev, dir.path().to_str().unwrap()]);
+        Mounted { dir }
+    }
 }
 
 impl Mounted {
