@@ -116,6 +116,17 @@ pub struct ImageArgs {
     /// Largest read, e.g. 1M; 0 = by device kind (1 MiB).
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
     pub chunk: u64,
+    /// Read at most this many bytes per second (e.g. 200M), spread evenly
+    /// over time rather than in bursts, main pass and catch-up alike;
+    /// 0 = as fast as the device goes.
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub max_rate: u64,
+    /// I/O priority of every read: idle (served only when the device is
+    /// otherwise idle, under the BFQ and mq-deadline schedulers' rules),
+    /// be:0..7 (best-effort, 0 highest), rt:0..7 (realtime), or none (the
+    /// process's own).
+    #[arg(long, value_name = "CLASS", default_value = "none", value_parser = parse_ioprio)]
+    pub ioprio: u16,
     /// Where write events come from: blktrace (the classic relay files;
     /// blocked under kernel lockdown), tracefs, or auto (blktrace, else
     /// tracefs, saying why).
@@ -288,6 +299,8 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
         threads: args.threads,
         queue_depth: args.queue_depth,
         chunk_bytes,
+        max_rate_bytes_per_second: args.max_rate,
+        ioprio: args.ioprio,
     };
     options.source = SourceConfig {
         kind: args.event_source,
@@ -312,6 +325,23 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
             Exit::Incomplete
         }
     })
+}
+
+/// `idle`, `be:N`, `rt:N` or `none` as an SQE I/O priority value.
+pub fn parse_ioprio(text: &str) -> Result<u16, String> {
+    let level = |n: &str| -> Result<u16, String> {
+        n.parse::<u16>()
+            .ok()
+            .filter(|&l| l <= 7)
+            .ok_or_else(|| format!("{text:?}: the level must be 0..7"))
+    };
+    match text.split_once(':') {
+        None if text == "none" => Ok(0),
+        None if text == "idle" => Ok(crate::engine::ioprio_value(3, 0)),
+        Some(("be", n)) => Ok(crate::engine::ioprio_value(2, level(n)?)),
+        Some(("rt", n)) => Ok(crate::engine::ioprio_value(1, level(n)?)),
+        _ => Err(format!("{text:?}: expected idle, be:0..7, rt:0..7 or none")),
+    }
 }
 
 /// `4096`, `64K`, `1M`, `2G`, `1MiB`: bytes, with binary (1024-based)
@@ -640,6 +670,16 @@ mod tests {
                 "--blktrace-bufcount=1"
             ]
         );
+    }
+
+    #[test]
+    fn io_priorities() {
+        assert_eq!(parse_ioprio("none"), Ok(0));
+        assert_eq!(parse_ioprio("idle"), Ok(3 << 13));
+        assert_eq!(parse_ioprio("be:4"), Ok((2 << 13) | 4));
+        assert_eq!(parse_ioprio("rt:0"), Ok(1 << 13));
+        assert!(parse_ioprio("be:8").is_err());
+        assert!(parse_ioprio("bogus").is_err());
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn config(threads: usize, queue_depth: u32, chunk_bytes: u32) -> EngineConfig {
         threads,
         queue_depth,
         chunk_bytes,
+        ..EngineConfig::default()
     }
 }
 

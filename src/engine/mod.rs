@@ -93,6 +93,59 @@ pub struct EngineConfig {
     /// queue's `max_sectors_kb`: the kernel splits larger reads more cheaply
     /// than we can issue small ones.
     pub chunk_bytes: u32,
+    /// Bytes per second at most, all workers together (`--max-rate`);
+    /// 0 = as fast as the device goes. Reads are spaced evenly, not sent
+    /// in bursts.
+    pub max_rate_bytes_per_second: u64,
+    /// The I/O priority every read carries in its SQE (`--ioprio`), as
+    /// `IOPRIO_PRIO_VALUE(class, level)`; 0 = the thread's own.
+    pub ioprio: u16,
+}
+
+/// `IOPRIO_PRIO_VALUE`: an I/O priority class (1 realtime, 2 best-effort,
+/// 3 idle) and level (0 highest .. 7) as an SQE's `ioprio`.
+pub fn ioprio_value(class: u16, level: u16) -> u16 {
+    (class << 13) | (level & 0x1fff)
+}
+
+/// Spaces reads so that all workers together stay under a rate: each read
+/// reserves the next free interval of `len / rate` on one shared clock and
+/// waits for its start. Idle time is not saved up, so there are no bursts.
+#[derive(Debug)]
+struct Pacer {
+    epoch: Instant,
+    /// When the next read may start, in nanoseconds since `epoch`.
+    next_ns: AtomicU64,
+    ns_per_byte: f64,
+}
+
+impl Pacer {
+    fn new(bytes_per_second: u64) -> Pacer {
+        Pacer {
+            epoch: Instant::now(),
+            next_ns: AtomicU64::new(0),
+            ns_per_byte: 1e9 / bytes_per_second as f64,
+        }
+    }
+
+    /// Reserves `len_bytes` of the rate and returns when the read may start.
+    fn reserve(&self, len_bytes: u32) -> Instant {
+        let cost_ns = (f64::from(len_bytes) * self.ns_per_byte) as u64;
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let mut next = self.next_ns.load(Ordering::Relaxed);
+        loop {
+            let start = next.max(now_ns);
+            match self.next_ns.compare_exchange_weak(
+                next,
+                start + cost_ns,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return self.epoch + Duration::from_nanos(start),
+                Err(current) => next = current,
+            }
+        }
+    }
 }
 
 /// What the engine resolved its config to, for logs and `--stats-json`.
@@ -183,6 +236,8 @@ pub struct Engine {
     settings: EngineSettings,
     /// One `read_extents` at a time: the workers' rings are not shared.
     run_lock: Mutex<()>,
+    /// `max_rate_bytes_per_second`, across every call.
+    pacer: Option<Pacer>,
 }
 
 impl Engine {
@@ -249,6 +304,8 @@ impl Engine {
             if let Some(note) = &ring.registration_note {
                 notes.push(format!("worker {worker_index}: {note}"));
             }
+            let mut ring = ring;
+            ring.ioprio = config.ioprio;
             workers.push(Mutex::new(ring));
         }
         let registered_buffers = workers.iter_mut().all(|w| {
@@ -281,6 +338,8 @@ impl Engine {
             cores,
             settings,
             run_lock: Mutex::new(()),
+            pacer: (config.max_rate_bytes_per_second > 0)
+                .then(|| Pacer::new(config.max_rate_bytes_per_second)),
         })
     }
 
@@ -332,6 +391,7 @@ impl Engine {
             stop,
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
+            pacer: self.pacer.as_ref(),
         };
         // No more workers than reads: a catch-up of one block uses one.
         let crew = (geometry
@@ -396,6 +456,35 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_spaced_by_their_cost_without_saving_idle_time() {
+        let pacer = Pacer::new(1_000_000); // 1 byte per microsecond
+        let first = pacer.reserve(1000);
+        let second = pacer.reserve(1000);
+        let third = pacer.reserve(500);
+        assert_eq!(second - first, Duration::from_millis(1));
+        assert_eq!(third - second, Duration::from_millis(1));
+        // After an idle spell the next read starts now, not in the past:
+        // no burst makes up for the pause.
+        let before_sleep = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let after_idle = pacer.reserve(1000);
+        assert!(after_idle >= before_sleep + Duration::from_millis(20));
+        let fourth = pacer.reserve(1000);
+        assert_eq!(fourth - after_idle, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn io_priority_values() {
+        assert_eq!(ioprio_value(3, 0), 0x6000);
+        assert_eq!(ioprio_value(2, 7), 0x4007);
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         let abandoned_reads = self.workers.iter_mut().any(|w| {
@@ -436,6 +525,7 @@ pub(crate) struct Job<'a> {
     /// deliver nothing more.
     halted: AtomicBool,
     first_error: Mutex<Option<anyhow::Error>>,
+    pacer: Option<&'a Pacer>,
 }
 
 impl Job<'_> {
@@ -449,6 +539,20 @@ impl Job<'_> {
 
     pub fn halt(&self) {
         self.halted.store(true, Ordering::Relaxed);
+    }
+
+    /// With a rate limit, waits until a read of `len_bytes` may start
+    /// (in slices, so that a stop is still seen promptly).
+    pub fn pace(&self, len_bytes: u32) {
+        let Some(pacer) = self.pacer else { return };
+        let start = pacer.reserve(len_bytes);
+        while let Some(wait) = start.checked_duration_since(Instant::now()) {
+            self.poll_stop();
+            if self.is_halted() {
+                return;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+        }
     }
 
     /// Halts the job if the caller set the stop flag.

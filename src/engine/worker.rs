@@ -88,6 +88,8 @@ pub(crate) struct WorkerRing {
     /// Reads the kernel may still write that could not be waited for: the
     /// engine must then leak its pool rather than free it.
     pub abandoned_reads: bool,
+    /// The SQE `ioprio` of every read (0 = the thread's own).
+    pub ioprio: u16,
 }
 
 // SAFETY: the raw slot pointers point into the engine's pool, which outlives
@@ -159,6 +161,7 @@ impl WorkerRing {
             latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
                 .expect("constant histogram bounds are valid"),
             registration_note: (!notes.is_empty()).then(|| notes.join("; ")),
+            ioprio: 0,
             broken: None,
             abandoned_reads: false,
         })
@@ -213,6 +216,7 @@ impl WorkerRing {
                         cursor_dry = true;
                         break;
                     };
+                    job.pace(chunk.len_bytes);
                     self.free_count -= 1;
                     let slot_index = usize::from(self.free_slots[self.free_count]);
                     self.submit(
@@ -289,18 +293,22 @@ impl WorkerRing {
             (true, true) => {
                 opcode::ReadFixed::new(types::Fixed(0), buf, len_bytes, slot_index as u16)
                     .offset(offset_bytes)
+                    .ioprio(self.ioprio)
                     .build()
             }
             (true, false) => {
                 opcode::ReadFixed::new(types::Fd(self.fd), buf, len_bytes, slot_index as u16)
                     .offset(offset_bytes)
+                    .ioprio(self.ioprio)
                     .build()
             }
             (false, true) => opcode::Read::new(types::Fixed(0), buf, len_bytes)
                 .offset(offset_bytes)
+                .ioprio(self.ioprio)
                 .build(),
             (false, false) => opcode::Read::new(types::Fd(self.fd), buf, len_bytes)
                 .offset(offset_bytes)
+                .ioprio(self.ioprio)
                 .build(),
         };
         let entry: squeue::Entry = entry.user_data(slot_index as u64);
@@ -594,6 +602,7 @@ mod tests {
             stop: &stop,
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
+            pacer: None,
         };
         let report = ring.run(&job);
         assert!(job.first_error.lock().unwrap().is_none());
