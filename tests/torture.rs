@@ -197,6 +197,17 @@ impl Drop for Writer {
     }
 }
 
+/// A child process killed (if still running) and waited for on drop, so
+/// that every early return reaps it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs one case; Err describes what went wrong.
 fn case(
     imaged: &Path,
@@ -227,14 +238,15 @@ fn case(
         // A slow main pass, so that the writes land inside it.
         cmd.args(["--threads", "1", "--queue-depth", "1", "--chunk", "64K"]);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, lines) = mpsc::channel();
-    let child_stderr = child.stderr.take().unwrap();
+    let child_stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(child_stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -256,7 +268,6 @@ fn case(
         }
     }
     if !main_pass_done {
-        let _ = child.kill();
         return Err(format!("no main pass:\n{}", log.join("\n")));
     }
     if timing == Timing::IntoCatchUp {
@@ -271,7 +282,7 @@ fn case(
         summaries.push(format!("{ops} ops"));
     }
     fs::remove_file(&hold).unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
         log.push(line);
     }
