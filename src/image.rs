@@ -179,6 +179,8 @@ pub struct RunStats {
     pub events: EventStats,
     pub dirty_map_memory_bytes: u64,
     pub image_bytes: u64,
+    /// CPU time of the whole process (user + system), from getrusage.
+    pub cpu_seconds: f64,
     pub converged: bool,
     /// Bytes that changed during the last round of an unconverged run.
     pub unconverged_changed_bytes: u64,
@@ -660,6 +662,7 @@ impl Run<'_> {
             },
             dirty_map_memory_bytes: self.dirty.memory_bytes(),
             image_bytes: 0,
+            cpu_seconds: cpu_seconds(),
             converged: verdict == Verdict::Converged,
             unconverged_changed_bytes: changed_bytes,
             frozen: self.mounts.iter().map(|m| m.mountpoint.clone()).collect(),
@@ -1089,6 +1092,18 @@ impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
     }
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn pass_stats(stats: &ReadStats) -> PassStats {

@@ -48,9 +48,23 @@ fio_bw() { # device, fio args... -> bytes/s
         python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["bw_bytes"])'
 }
 
-hc_bw() { # device -> bytes/s of the main pass
+hc_bw() { # device -> bytes/s of the main pass; CPU s/GiB of the run to $work/cpu
     "$bin" image -d "$1" -o /dev/null --stats-json "$work/stats.json" 2>/dev/null
-    python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["main_pass"]["bytes_per_second"]))' "$work/stats.json"
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(int(d["main_pass"]["bytes_per_second"])); open(sys.argv[2],"a").write("%.3f\n" % (d["cpu_seconds"] / (d["device_bytes"] / 2**30)))' "$work/stats.json" "$work/cpu"
+}
+
+hc_pipe_bw() { # device -> bytes/s of the main pass, image piped to cat
+    "$bin" image -d "$1" --stats-json "$work/stats-pipe.json" 2>/dev/null | cat > /dev/null
+    python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["main_pass"]["bytes_per_second"]))' "$work/stats-pipe.json"
+}
+
+dd_bw() { # device, dd flags... -> bytes/s (the seed's data path: 1 MiB reads, written to a pipe)
+    local dev=$1; shift
+    local s e
+    s=$(date +%s.%N)
+    dd if="$dev" bs=1M "$@" status=none | cat > /dev/null
+    e=$(date +%s.%N)
+    awk -v b="$(blockdev --getsize64 "$dev")" -v s="$s" -v e="$e" 'BEGIN {printf "%d", b / (e - s)}'
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -59,7 +73,8 @@ gbs() { awk -v b="$1" 'BEGIN {printf "%.2f", b / 1e9}'; }
 measure() { # device label
     local dev=$1 label=$2
     declare -A results=()
-    local hc=()
+    local hc=() hc_pipe=() dd_buf=() dd_direct=()
+    rm -f "$work/cpu"
     for run in $(seq 1 "$runs"); do
         for s in "${strategies[@]}"; do
             local name=${s%%|*} args=${s#*|}
@@ -67,6 +82,10 @@ measure() { # device label
             results[$name]+="$(fio_bw "$dev" $args) "
         done
         hc+=("$(hc_bw "$dev")")
+        sync; echo 1 > /proc/sys/vm/drop_caches
+        hc_pipe+=("$(hc_pipe_bw "$dev")")
+        dd_buf+=("$(dd_bw "$dev")")
+        dd_direct+=("$(dd_bw "$dev" iflag=direct)")
     done
     echo
     echo "== $label: $dev, $size_mib MiB, $runs runs each, alternated =="
@@ -88,6 +107,15 @@ measure() { # device label
     m_hc=$(median "${hc[@]}")
     for v in "${hc[@]}"; do list+="$(gbs "$v") "; done
     echo "| **hot-clone main pass** | **$(gbs "$m_hc")** | $list|"
+    local l0="" l1="" l2=""
+    for v in "${hc_pipe[@]}"; do l0+="$(gbs "$v") "; done
+    echo "| hot-clone main pass \\| cat | $(gbs "$(median "${hc_pipe[@]}")") | $l0|"
+    for v in "${dd_buf[@]}"; do l1+="$(gbs "$v") "; done
+    for v in "${dd_direct[@]}"; do l2+="$(gbs "$v") "; done
+    echo "| dd bs=1M (buffered, the seed's path) \\| cat | $(gbs "$(median "${dd_buf[@]}")") | $l1|"
+    echo "| dd bs=1M iflag=direct \\| cat | $(gbs "$(median "${dd_direct[@]}")") | $l2|"
+    # shellcheck disable=SC2046
+    echo "hot-clone CPU seconds per GiB imaged (whole run, user+sys), median: $(median $(cat "$work/cpu"))"
     echo
     echo "best fio: $best_name at $(gbs "$best") GB/s; hot-clone / best = $(awk -v a="$m_hc" -v b="$best" 'BEGIN {printf "%.2f", a / b}')"
 }
