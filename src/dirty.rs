@@ -610,6 +610,28 @@ enum LeafForMark<'a> {
     PoolExhausted,
 }
 
+/// Joins neighbouring extents (sorted, disjoint, as a take yields them)
+/// whose gap is at most `gap_bytes_max`, so that one read covers both and
+/// the clean blocks between. Re-reading a clean block is harmless: it
+/// holds the device's current data, never older than what was read before.
+/// Worth it where a read's fixed cost exceeds reading the gap: at ~100k
+/// IOPS and ~3 GB/s, a 4 KiB read costs as much as reading ~30 KiB.
+pub fn merge_small_gaps(extents: &mut Vec<Extent>, gap_bytes_max: u64) {
+    let mut merged: Vec<Extent> = Vec::with_capacity(extents.len());
+    for &extent in extents.iter() {
+        match merged.last_mut() {
+            Some(last)
+                if extent.offset_bytes >= last.end_bytes()
+                    && extent.offset_bytes - last.end_bytes() <= gap_bytes_max =>
+            {
+                last.len_bytes = extent.end_bytes() - last.offset_bytes;
+            }
+            _ => merged.push(extent),
+        }
+    }
+    *extents = merged;
+}
+
 fn fixed_bytes_for(leaf_count: usize, summary_word_count: usize) -> u64 {
     (leaf_count * size_of::<AtomicU32>() + 2 * summary_word_count * size_of::<AtomicU64>()) as u64
 }
@@ -744,6 +766,62 @@ fn zeroed_u32s(len: usize) -> Box<[AtomicU32]> {
     // SAFETY: every element is all-zero bytes, and `AtomicU32` has the bit
     // validity of `u32`, so that is `AtomicU32::new(0)`.
     unsafe { zeroed.assume_init() }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn e(offset_bytes: u64, len_bytes: u64) -> Extent {
+        Extent {
+            offset_bytes,
+            len_bytes,
+        }
+    }
+
+    #[test]
+    fn small_gaps_merge_large_ones_do_not() {
+        let mut extents = vec![e(0, 4096), e(8192, 4096), e(100_000, 512), e(200_000, 4096)];
+        merge_small_gaps(&mut extents, 4096);
+        assert_eq!(extents, [e(0, 12_288), e(100_000, 512), e(200_000, 4096)]);
+        let mut touching = vec![e(0, 4096), e(4096, 4096)];
+        merge_small_gaps(&mut touching, 0);
+        assert_eq!(touching, [e(0, 8192)]);
+        let mut empty = Vec::new();
+        merge_small_gaps(&mut empty, 1 << 20);
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn merging_covers_every_input_byte() {
+        let mut state = 7u64;
+        let mut extents = Vec::new();
+        let mut at = 0;
+        for _ in 0..1000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            at += (state % 64) * 512;
+            let len = (1 + state % 16) * 512;
+            extents.push(e(at, len));
+            at += len;
+        }
+        let original = extents.clone();
+        merge_small_gaps(&mut extents, 8192);
+        assert!(extents.len() < original.len());
+        for x in &original {
+            assert!(
+                extents
+                    .iter()
+                    .any(|m| m.offset_bytes <= x.offset_bytes && x.end_bytes() <= m.end_bytes())
+            );
+        }
+        assert!(
+            extents
+                .windows(2)
+                .all(|w| w[1].offset_bytes > w[0].end_bytes() + 8192)
+        );
+    }
 }
 
 #[cfg(test)]

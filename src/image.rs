@@ -60,6 +60,12 @@ pub const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(30);
 /// anyway (and then reads its extents again in the next round).
 pub const ROUND_SETTLE_WAIT_MAX: Duration = Duration::from_secs(1);
 
+/// A catch-up round reads across clean gaps up to this long between dirty
+/// extents in one read (`dirty::merge_small_gaps`): on a densely dirtied
+/// device this turns many small reads into few sequential ones (PERF.md,
+/// "Catch-up").
+pub const CATCH_UP_GAP_MERGE_BYTES: u64 = 32 << 10;
+
 /// `--freeze` freezes once a round's dirty set is this small (or the rounds
 /// converged, or ran out): the final rounds, read while frozen, then take
 /// about as long as reading this much.
@@ -691,6 +697,7 @@ impl Run<'_> {
             let settled = self.settle(ROUND_SETTLE_WAIT_MAX)?;
             extents.clear();
             let dirty_bytes = self.dirty.take_into(&mut extents, EXTENT_BYTES_MAX);
+            dirty::merge_small_gaps(&mut extents, CATCH_UP_GAP_MERGE_BYTES);
             let held = frozen.is_none() && self.held();
             let would_converge = extents.is_empty() && settled == Settled::Quiet;
             if !self.mounts.is_empty()

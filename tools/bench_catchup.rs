@@ -31,6 +31,15 @@ struct Args {
     runs: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Clean gaps up to this long are read across (as hot-clone image does).
+    #[arg(long, default_value_t = hot_clone::image::CATCH_UP_GAP_MERGE_BYTES)]
+    gap_merge: u64,
+    /// Engine reads in flight per worker (0 = as hot-clone image picks).
+    #[arg(long, default_value_t = 0)]
+    queue_depth: u32,
+    /// Engine read size (0 = as hot-clone image picks).
+    #[arg(long, default_value = "0", value_parser = hot_clone::cli::parse_bytes)]
+    chunk: u64,
 }
 
 fn drop_caches() {
@@ -41,7 +50,14 @@ fn drop_caches() {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = SourceDevice::open(&args.device)?;
-    let engine = Engine::new(&device, EngineConfig::default())?;
+    let engine = Engine::new(
+        &device,
+        EngineConfig {
+            queue_depth: args.queue_depth,
+            chunk_bytes: u32::try_from(args.chunk)?,
+            ..EngineConfig::default()
+        },
+    )?;
     let block_count = device.size_bytes / 4096;
     anyhow::ensure!(
         args.blocks <= block_count / 2,
@@ -68,11 +84,14 @@ fn main() -> anyhow::Result<()> {
     let stop = AtomicBool::new(false);
     for _ in 0..args.runs {
         // The same dirty set each time: take it, then mark it again.
-        let mut extents = Vec::new();
-        map.take_into(&mut extents, 64 << 20);
-        for e in &extents {
+        let mut dirty = Vec::new();
+        map.take_into(&mut dirty, 64 << 20);
+        for e in &dirty {
             map.mark_sectors(e.offset_bytes / 512, e.len_bytes / 512);
         }
+        // What `hot-clone image` reads for it.
+        let mut extents = dirty.clone();
+        hot_clone::dirty::merge_small_gaps(&mut extents, args.gap_merge);
 
         drop_caches();
         let delivered = AtomicU64::new(0);
@@ -87,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         drop_caches();
         let mut sector = [0u8; 512];
         let started = Instant::now();
-        for e in &extents {
+        for e in &dirty {
             let mut at = e.offset_bytes;
             while at < e.offset_bytes + e.len_bytes {
                 buffered
