@@ -1,14 +1,16 @@
 //! The torture matrix, as root: devices {loop 512, loop 4Kn, a BLKPG
 //! partition at an odd offset whose length is not a multiple of 1 MiB,
-//! zram} x writes {random small, large multi-block, discards, write-zeroes,
-//! first/last blocks} x timing {writes only during a slowed main pass,
-//! writes running into the catch-up}, two seeds each. After the writers
+//! zram, a slow FUSE-backed loop whose writes complete 50 ms late} x writes
+//! {random small, large multi-block, discards, write-zeroes, first/last
+//! blocks} x timing {writes only during a slowed main pass, writes running
+//! into the catch-up}, two seeds each. After the writers
 //! stop and the run ends, the restored image must equal the device byte
 //! for byte, and the run must say it converged. Every failure names its
 //! case and seed; `HOT_CLONE_TEST_SEED=N` replays a run's seeds.
 
 mod common;
 
+use common::slowdisk::SlowDisk;
 use common::*;
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -456,5 +458,22 @@ fn torture_zram() {
         &ALL_WRITES,
         &TIMINGS,
         2000,
+    );
+}
+
+/// Writes complete (and land) 50 ms after they are issued, while reads of
+/// the same blocks return the old data at once: catch-up reads race writes
+/// still in flight.
+#[test]
+fn torture_slow_completing_writes() {
+    let disk = SlowDisk::new(32 << 20, Duration::from_millis(50));
+    fill_device(&disk.path, 15);
+    matrix(
+        "slow FUSE loop",
+        &disk.path,
+        &whole(&disk.path),
+        &ALL_WRITES,
+        &TIMINGS,
+        400,
     );
 }

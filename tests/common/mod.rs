@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this file
 
+pub mod slowdisk;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
