@@ -17,3 +17,4 @@ pub mod restore;
 pub mod signals;
 pub mod trace;
 pub mod units;
+pub mod workload;

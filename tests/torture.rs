@@ -12,10 +12,13 @@ mod common;
 
 use common::slowdisk::SlowDisk;
 use common::*;
+use hot_clone::workload::{Counts, Mix, run_writer};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -54,19 +57,10 @@ struct Target {
     range: std::ops::Range<u64>,
 }
 
-/// The mix a writer makes: sizes in bytes (rounded to the logical block),
-/// and the shares of discards, write-zeroes and first/last-block writes.
-struct Mix {
-    sizes: &'static [u64],
-    discard_percent: u64,
-    zeroout_percent: u64,
-    ends_percent: u64,
-}
-
 impl Writes {
     fn mix(self) -> Mix {
-        let mix = |sizes, discard_percent, zeroout_percent, ends_percent| Mix {
-            sizes,
+        let mix = |sizes: &[u64], discard_percent, zeroout_percent, ends_percent| Mix {
+            sizes: sizes.to_vec(),
             discard_percent,
             zeroout_percent,
             ends_percent,
@@ -81,99 +75,26 @@ impl Writes {
     }
 }
 
-// From <linux/fs.h>: _IO(0x12, 119) and _IO(0x12, 127).
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
-
-/// A seeded writer thread on one target, paced at `rate` operations per
-/// second; stopped by `stop`, which returns its count or its error.
+/// A seeded writer thread (`hot_clone::workload`, as `hc-writer` runs it)
+/// on one target; `stop` returns how many operations it made, or its error.
 struct Writer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<u64, String>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<anyhow::Result<Counts>>>,
 }
 
 impl Writer {
     fn start(target: &Target, writes: Writes, seed: u64, rate: u32) -> Writer {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        use std::os::unix::io::AsRawFd;
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let device = target.device.clone();
-        let range = target.range.clone();
-        let mix = writes.mix();
-        let handle = std::thread::spawn(move || -> Result<u64, String> {
-            let lbs = logical_block_size(&device).max(4096);
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&device)
-                .map_err(|e| format!("open {}: {e}", device.display()))?;
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
-            let first_block = range.start.div_ceil(lbs);
-            let end_block = range.end / lbs;
-            let blocks = end_block - first_block;
-            let largest = *mix.sizes.iter().max().unwrap();
-            let mut buf = AlignedBuf::new(largest as usize);
-            let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-            let started = Instant::now();
-            let mut count = 0u64;
-            while !flag.load(Ordering::SeqCst) {
-                let size = mix.sizes[(next() % mix.sizes.len() as u64) as usize];
-                let len = (size / lbs).clamp(1, blocks);
-                let pick = next() % 100;
-                let block = if pick < mix.ends_percent {
-                    if next() % 2 == 0 { 0 } else { blocks - len }
-                } else {
-                    next() % (blocks - len + 1)
-                };
-                let offset = (first_block + block) * lbs;
-                let bytes = len * lbs;
-                let kind = next() % 100;
-                if kind < mix.discard_percent || kind < mix.discard_percent + mix.zeroout_percent {
-                    let request = if kind < mix.discard_percent {
-                        BLKDISCARD
-                    } else {
-                        BLKZEROOUT
-                    };
-                    let span: [u64; 2] = [offset, bytes];
-                    // SAFETY: the ioctl reads two u64 from `span`, which lives
-                    // across the call; the fd is ours.
-                    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, span.as_ptr()) };
-                    if rc != 0 {
-                        return Err(format!(
-                            "{} {}: {} at byte {offset}+{bytes}",
-                            if request == BLKDISCARD {
-                                "BLKDISCARD"
-                            } else {
-                                "BLKZEROOUT"
-                            },
-                            device.display(),
-                            std::io::Error::last_os_error()
-                        ));
-                    }
-                } else {
-                    let fill = next();
-                    for (i, b) in buf.as_mut()[..bytes as usize].iter_mut().enumerate() {
-                        *b = (fill >> (i % 57)) as u8 ^ count as u8;
-                    }
-                    file.write_all_at(&buf.as_mut()[..bytes as usize], offset)
-                        .map_err(|e| format!("write {} at {offset}: {e}", device.display()))?;
-                }
-                count += 1;
-                let due = started + interval.mul_f64(count as f64);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            Ok(count)
-        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (stop, device, range) = (
+                Arc::clone(&stop),
+                target.device.clone(),
+                target.range.clone(),
+            );
+            std::thread::spawn(move || {
+                run_writer(&device, range, &writes.mix(), seed, rate, None, &stop)
+            })
+        };
         Writer {
             stop,
             handle: Some(handle),
@@ -181,18 +102,18 @@ impl Writer {
     }
 
     fn stop(mut self) -> Result<u64, String> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.handle
-            .take()
-            .unwrap()
-            .join()
-            .map_err(|_| "writer panicked".to_string())?
+        self.stop.store(true, Ordering::SeqCst);
+        match self.handle.take().unwrap().join() {
+            Ok(Ok(counts)) => Ok(counts.operations()),
+            Ok(Err(error)) => Err(format!("writer: {error:#}")),
+            Err(_) => Err("writer panicked".into()),
+        }
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }

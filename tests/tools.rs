@@ -1,0 +1,153 @@
+//! The bundled tools, through their real binaries (root: loop devices).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::process::Command;
+
+fn tool(name: &str) -> Command {
+    Command::new(match name {
+        "sector-pinger" => env!("CARGO_BIN_EXE_sector-pinger"),
+        "sector-sprinkler" => env!("CARGO_BIN_EXE_sector-sprinkler"),
+        "hc-writer" => env!("CARGO_BIN_EXE_hc-writer"),
+        "hc-compare" => env!("CARGO_BIN_EXE_hc-compare"),
+        other => panic!("no tool {other}"),
+    })
+}
+
+fn block_at(device: &std::path::Path, offset: usize) -> Vec<u8> {
+    read_device(device)[offset..offset + 512].to_vec()
+}
+
+#[test]
+fn sector_pinger_writes_both_sectors_alternately() {
+    let device = LoopDevice::new(4 << 20);
+    let mut cmd = tool("sector-pinger");
+    cmd.arg(&device.path)
+        .args(["100", "5000", "--count", "4", "--interval-ms", "10"]);
+    let result = run(cmd, None);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let out = String::from_utf8_lossy(&result.stdout);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.contains("wrote ping 3 to sector 5000"), "{out}");
+    assert!(block_at(&device.path, 100 * 512).starts_with(b"hot-clone ping 2 to sector 100\n"));
+    assert!(block_at(&device.path, 5000 * 512).starts_with(b"hot-clone ping 3 to sector 5000\n"));
+}
+
+#[test]
+fn sector_sprinkler_marks_every_nth_sector() {
+    let device = LoopDevice::new(8 << 20);
+    let mut cmd = tool("sector-sprinkler");
+    cmd.arg(&device.path);
+    let result = run(cmd, None);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let sectors = (8u64 << 20) / 512;
+    let expected = sectors.div_ceil(7127);
+    assert!(
+        String::from_utf8_lossy(&result.stdout).contains(&format!("wrote {expected} markers")),
+        "{}",
+        String::from_utf8_lossy(&result.stdout)
+    );
+    let content = read_device(&device.path);
+    for sector in (0..sectors).step_by(7127) {
+        let at = sector as usize * 512;
+        let marker = format!("hot-clone sprinkle {sector}\n");
+        assert!(
+            content[at..].starts_with(marker.as_bytes()),
+            "sector {sector}"
+        );
+    }
+}
+
+#[test]
+fn hc_writer_is_reproducible_per_seed_and_counts_what_it_did() {
+    let a = LoopDevice::new(16 << 20);
+    let b = LoopDevice::new(16 << 20);
+    for device in [&a, &b] {
+        let mut cmd = tool("hc-writer");
+        cmd.arg(&device.path).args([
+            "--count",
+            "200",
+            "--rate",
+            "0",
+            "--sizes",
+            "4K,64K",
+            "--discard-percent",
+            "10",
+            "--zeroout-percent",
+            "10",
+            "--hot-ends-percent",
+            "10",
+            "--seed",
+            "5",
+        ]);
+        let result = run(cmd, None);
+        let log = stderr(&result);
+        assert!(result.status.success(), "{log}");
+        assert!(log.contains("hc-writer: seed 5"), "{log}");
+        assert!(log.contains("200 writes ("), "{log}");
+    }
+    assert!(
+        read_device(&a.path) == read_device(&b.path),
+        "same seed, different content"
+    );
+    let mut cmd = tool("hc-compare");
+    cmd.arg(&a.path).arg(&b.path);
+    let result = run(cmd, None);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(String::from_utf8_lossy(&result.stdout).starts_with("identical"));
+}
+
+#[test]
+fn hc_compare_lists_differing_blocks_and_reads_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = patterned(1 << 20, 3);
+    let mut changed = raw.clone();
+    changed[8192] ^= 1;
+    changed[8192 + 4096] ^= 1;
+    changed[700_000] ^= 1;
+    let (pa, pb) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    fs::write(&pa, &raw).unwrap();
+    fs::write(&pb, &changed).unwrap();
+    let mut cmd = tool("hc-compare");
+    cmd.arg(&pa).arg(&pb);
+    let result = run(cmd, None);
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    let out = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        out.contains("differ: 3 blocks of 4096 bytes in 2 ranges"),
+        "{out}"
+    );
+    assert!(out.contains("byte 8192 (2 blocks)"), "{out}");
+    assert!(out.contains("byte 696320 (1 blocks)"), "{out}");
+
+    // An image of the raw file compares identical to it.
+    let image = dir.path().join("a.hc");
+    let made = run(
+        {
+            let mut c = hc_from_raw();
+            c.arg(&pa);
+            c
+        },
+        None,
+    );
+    assert!(made.status.success());
+    fs::write(&image, &made.stdout).unwrap();
+    let mut cmd = tool("hc-compare");
+    cmd.arg(&image).arg(&pa);
+    let result = run(cmd, None);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stdout)
+    );
+
+    // Sizes that differ are said.
+    fs::write(&pb, &raw[..4096]).unwrap();
+    let mut cmd = tool("hc-compare");
+    cmd.arg(&pa).arg(&pb);
+    let result = run(cmd, None);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&result.stdout).contains("sizes differ"));
+}
