@@ -70,7 +70,7 @@ impl Plan {
     pub fn new(seed: u64, range: Range<u64>, mix: Mix, block_bytes: u64) -> Option<Plan> {
         let first_block = range.start.div_ceil(block_bytes);
         let end_block = range.end / block_bytes;
-        (end_block > first_block && !mix.sizes.is_empty()).then_some(Plan {
+        (end_block > first_block && !mix.sizes.is_empty()).then(|| Plan {
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             mix,
             block_bytes,
