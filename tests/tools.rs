@@ -151,3 +151,66 @@ fn hc_compare_lists_differing_blocks_and_reads_images() {
     assert_eq!(result.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&result.stdout).contains("sizes differ"));
 }
+
+/// hc-slowdisk: a write completes only after the delay, a read of the same
+/// block meanwhile returns the old data at once, a write is counted in
+/// flight, and the --eio range fails reads and writes with EIO.
+#[test]
+fn hc_slowdisk_delays_writes_and_fails_chosen_ranges() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::time::{Duration, Instant};
+    let disk = common::slowdisk::SlowDisk::with_faults(
+        8 << 20,
+        Duration::from_millis(300),
+        &[(4 << 20)..(4 << 20) + 4096],
+    );
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk.path)
+        .unwrap();
+    let file = std::sync::Arc::new(file);
+    let writer = {
+        let file = std::sync::Arc::clone(&file);
+        std::thread::spawn(move || {
+            let mut block = AlignedBuf::new(4096);
+            block.as_mut().fill(0xAB);
+            let started = Instant::now();
+            file.write_all_at(block.as_mut(), 0).unwrap();
+            started.elapsed()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let name = disk
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let inflight = fs::read_to_string(format!("/sys/block/{name}/inflight")).unwrap();
+    let writes_in_flight: u64 = inflight.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut block = AlignedBuf::new(4096);
+    let started = Instant::now();
+    file.read_exact_at(block.as_mut(), 0).unwrap();
+    let read_took = started.elapsed();
+    let old = block.as_mut()[0];
+    let write_took = writer.join().unwrap();
+    assert!(
+        write_took >= Duration::from_millis(290),
+        "write took {write_took:?}"
+    );
+    assert!(
+        read_took < Duration::from_millis(150),
+        "read took {read_took:?}"
+    );
+    assert_eq!(old, 0, "the read during the write saw its data");
+    assert_eq!(writes_in_flight, 1, "inflight: {inflight}");
+    file.read_exact_at(block.as_mut(), 0).unwrap();
+    assert_eq!(block.as_mut()[0], 0xAB);
+    let error = file.read_exact_at(block.as_mut(), 4 << 20).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    let error = file.write_all_at(block.as_mut(), 4 << 20).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    file.read_exact_at(block.as_mut(), 5 << 20).unwrap();
+}

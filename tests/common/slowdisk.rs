@@ -19,6 +19,15 @@ pub struct SlowDisk {
 
 impl SlowDisk {
     pub fn new(size_bytes: u64, write_delay: Duration) -> SlowDisk {
+        SlowDisk::with_faults(size_bytes, write_delay, &[])
+    }
+
+    /// Also fails reads and writes touching each byte range with EIO.
+    pub fn with_faults(
+        size_bytes: u64,
+        write_delay: Duration,
+        eio: &[std::ops::Range<u64>],
+    ) -> SlowDisk {
         require_root("mount FUSE and attach loop devices");
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing");
@@ -34,6 +43,15 @@ impl SlowDisk {
             .arg(&backing)
             .arg("--write-delay-ms")
             .arg(write_delay.as_millis().to_string())
+            .args(
+                eio.iter()
+                    .flat_map(|r| ["--eio".to_string(), format!("{}..{}", r.start, r.end)]),
+            )
+            .args(if eio.is_empty() {
+                None
+            } else {
+                Some("--eio-writes")
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
