@@ -162,7 +162,7 @@ fn hc_slowdisk_delays_writes_and_fails_chosen_ranges() {
     let disk = common::slowdisk::SlowDisk::with_faults(
         8 << 20,
         Duration::from_millis(300),
-        &[(4 << 20)..(4 << 20) + 4096],
+        &[(4 << 20, (4 << 20) + 4096)],
     );
     let file = fs::OpenOptions::new()
         .read(true)

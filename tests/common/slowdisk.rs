@@ -22,12 +22,9 @@ impl SlowDisk {
         SlowDisk::with_faults(size_bytes, write_delay, &[])
     }
 
-    /// Also fails reads and writes touching each byte range with EIO.
-    pub fn with_faults(
-        size_bytes: u64,
-        write_delay: Duration,
-        eio: &[std::ops::Range<u64>],
-    ) -> SlowDisk {
+    /// Also fails reads and writes touching each byte range (start, end)
+    /// with EIO.
+    pub fn with_faults(size_bytes: u64, write_delay: Duration, eio: &[(u64, u64)]) -> SlowDisk {
         require_root("mount FUSE and attach loop devices");
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing");
@@ -45,7 +42,7 @@ impl SlowDisk {
             .arg(write_delay.as_millis().to_string())
             .args(
                 eio.iter()
-                    .flat_map(|r| ["--eio".to_string(), format!("{}..{}", r.start, r.end)]),
+                    .flat_map(|r| ["--eio".to_string(), format!("{}..{}", r.0, r.1)]),
             )
             .args(if eio.is_empty() {
                 None
