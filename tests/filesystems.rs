@@ -9,14 +9,15 @@
 
 mod common;
 
+use common::run::LiveRun;
 use common::*;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const RECORD_MAGIC: &[u8; 4] = b"HCF1";
@@ -310,79 +311,19 @@ fn describe(model: &Model) -> String {
         .join(" ")
 }
 
-/// A running `hot-clone image` whose stderr lines arrive on a channel.
-struct Imaging {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
+/// Starts `hot-clone image` of `device` into `image`.
+fn start_imaging(device: &Path, image: &Path, extra: &[&str]) -> LiveRun {
+    let mut cmd = hot_clone();
+    cmd.args(["image", "--device"])
+        .arg(device)
+        .arg("-o")
+        .arg(image)
+        .args(extra)
+        .stdout(Stdio::null());
+    LiveRun::spawn(cmd)
 }
 
-impl Imaging {
-    fn start(device: &Path, image: &Path, extra: &[&str]) -> Imaging {
-        let mut child = hot_clone()
-            .args(["image", "--device"])
-            .arg(device)
-            .arg("-o")
-            .arg(image)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Imaging {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, prefix: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(50)) {
-                Ok(line) => {
-                    let hit = line.starts_with(prefix);
-                    self.log.push(line);
-                    if hit {
-                        return true;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-            }
-        }
-        panic!("no line {prefix:?}: {:#?}", self.log);
-    }
-
-    fn finish(&mut self) -> std::process::ExitStatus {
-        let status = self.child.wait().unwrap();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.log.push(line);
-        }
-        status
-    }
-
-    fn log(&self) -> String {
-        self.log.join("\n")
-    }
-}
-
-impl Drop for Imaging {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn wait_for_ops(churn: &Churn, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -416,16 +357,20 @@ fn churn_stopped_before_the_end_is_captured_exactly(fs_kind: Fs) {
     fs::write(&hold, b"").unwrap();
     let churn = Churn::start(mounted.path(), seed_from_env());
     wait_for_ops(&churn, 20);
-    let mut imaging = Imaging::start(
+    let mut imaging = start_imaging(
         &device.path,
         &image,
         &["--hold-file", hold.to_str().unwrap()],
     );
-    assert!(imaging.wait_for("Main pass done"), "{}", imaging.log());
+    assert!(
+        imaging.wait_for("Main pass done", RUN_TIMEOUT),
+        "{}",
+        imaging.log()
+    );
     std::thread::sleep(Duration::from_millis(300)); // into the catch-up
     let ops = churn.stop();
     fs::remove_file(&hold).unwrap();
-    let status = imaging.finish();
+    let status = imaging.finish(RUN_TIMEOUT);
     assert!(status.success(), "exit {status}: {}", imaging.log());
     let mut expected = Model::new();
     for op in &ops {
@@ -467,8 +412,8 @@ fn churn_frozen_for_the_final_round_is_one_instant(fs_kind: Fs) {
     let churn = Churn::start(mounted.path(), seed_from_env());
     wait_for_ops(&churn, 20);
     let ops_before_run = churn.ops();
-    let mut imaging = Imaging::start(&device.path, &image, &["--freeze"]);
-    let status = imaging.finish();
+    let mut imaging = start_imaging(&device.path, &image, &["--freeze"]);
+    let status = imaging.finish(RUN_TIMEOUT);
     let log = imaging.log();
     assert!(status.success(), "exit {status}: {log}");
     assert!(log.contains("Frozen"), "{log}");
@@ -539,12 +484,12 @@ fn sigterm_while_frozen_thaws() {
     let image = dir.path().join("fs.hc");
     let hold = dir.path().join("hold-frozen");
     fs::write(&hold, b"").unwrap();
-    let mut imaging = Imaging::start(
+    let mut imaging = start_imaging(
         &device.path,
         &image,
         &["--freeze", "--hold-frozen-file", hold.to_str().unwrap()],
     );
-    assert!(imaging.wait_for("Frozen"), "{}", imaging.log());
+    assert!(imaging.wait_for("Frozen", RUN_TIMEOUT), "{}", imaging.log());
     // Frozen now: a write to the filesystem blocks.
     let probe = mounted.path().join("probe");
     let writer = {
@@ -560,9 +505,8 @@ fn sigterm_while_frozen_thaws() {
         !writer.is_finished(),
         "a write went through a frozen filesystem"
     );
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(imaging.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = imaging.finish();
+    imaging.signal(libc::SIGTERM);
+    let status = imaging.finish(RUN_TIMEOUT);
     assert_eq!(status.code(), Some(130), "{}", imaging.log());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !writer.is_finished() {

@@ -4,21 +4,19 @@
 
 mod common;
 
+use common::run::LiveRun;
 use common::*;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A running `hot-clone image`, its stderr lines arriving on a channel.
+/// A running `hot-clone image` writing to a scratch directory, held in
+/// its catch-up by a hold file until `release`.
 struct Imaging {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Vec<String>,
+    run: LiveRun,
     dir: tempfile::TempDir,
     hold: PathBuf,
 }
@@ -38,24 +36,9 @@ impl Imaging {
             .arg("--hold-file")
             .arg(&hold)
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn hot-clone");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            .stdout(Stdio::null());
         Imaging {
-            child,
-            lines,
-            stderr: Vec::new(),
+            run: LiveRun::spawn(cmd),
             dir,
             hold,
         }
@@ -68,24 +51,7 @@ impl Imaging {
     /// Waits for a stderr line starting with `prefix`; false if the run
     /// ended first.
     fn wait_for(&mut self, prefix: &str) -> bool {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    let hit = line.starts_with(prefix);
-                    self.stderr.push(line);
-                    if hit {
-                        return true;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-            }
-        }
-        panic!(
-            "no line {prefix:?} within {RUN_TIMEOUT:?}: {:#?}",
-            self.stderr
-        );
+        self.run.wait_for(prefix, RUN_TIMEOUT)
     }
 
     fn release(&self) {
@@ -93,43 +59,23 @@ impl Imaging {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        self.run.signal(signal);
+    }
+
+    fn pid(&self) -> u32 {
+        self.run.child.id()
     }
 
     fn finish(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.stderr.push(line);
-                }
-                return status;
-            }
-            while let Ok(line) = self.lines.try_recv() {
-                self.stderr.push(line);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("hot-clone did not finish: {:#?}", self.stderr);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.run.finish(RUN_TIMEOUT)
     }
 
     fn log(&self) -> String {
-        self.stderr.join("\n")
+        self.run.log()
     }
 
     fn stats(&self) -> serde_json::Value {
         serde_json::from_slice(&fs::read(self.dir.path().join("stats.json")).unwrap()).unwrap()
-    }
-}
-
-impl Drop for Imaging {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -311,7 +257,7 @@ fn sigterm_cleans_up_and_sigkill_leftovers_are_removed_by_the_next_run() {
 
     let mut imaging = Imaging::start(&device.path, &[]);
     assert!(imaging.wait_for("Main pass:"), "{}", imaging.log());
-    let pid = imaging.child.id();
+    let pid = imaging.pid();
     assert!(
         !our_instances(pid).is_empty(),
         "no tracefs instance while running"
@@ -327,7 +273,7 @@ fn sigterm_cleans_up_and_sigkill_leftovers_are_removed_by_the_next_run() {
 
     let mut killed = Imaging::start(&device.path, &[]);
     assert!(killed.wait_for("Main pass:"), "{}", killed.log());
-    let killed_pid = killed.child.id();
+    let killed_pid = killed.pid();
     killed.signal(libc::SIGKILL);
     let _ = killed.finish();
     assert!(

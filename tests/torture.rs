@@ -10,17 +10,16 @@
 
 mod common;
 
+use common::run::LiveRun;
 use common::slowdisk::SlowDisk;
 use common::*;
 use hot_clone::workload::{Counts, Mix, run_writer};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SEEDS_PER_CASE: u64 = 2;
 
@@ -120,17 +119,6 @@ impl Drop for Writer {
     }
 }
 
-/// A child process killed (if still running) and waited for on drop, so
-/// that every early return reaps it.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs one case; Err describes what went wrong.
 fn case(
     imaged: &Path,
@@ -140,6 +128,8 @@ fn case(
     seed: u64,
     rate: u32,
 ) -> Result<(), String> {
+    // Shown if the case panics (a timeout), so its seed is never lost.
+    eprintln!("case {writes:?} {timing:?} seed {seed}");
     let dir = tempfile::tempdir().unwrap();
     let hold = dir.path().join("hold");
     fs::write(&hold, b"").unwrap();
@@ -161,37 +151,12 @@ fn case(
         // A slow main pass, so that the writes land inside it.
         cmd.args(["--threads", "1", "--queue-depth", "1", "--chunk", "64K"]);
     }
-    let mut child = Reaped(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, lines) = mpsc::channel();
-    let child_stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(child_stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let mut imaging = LiveRun::spawn({
+        cmd.stdout(Stdio::null());
+        cmd
     });
-    let mut log = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut main_pass_done = false;
-    while !main_pass_done && Instant::now() < deadline {
-        match lines.recv_timeout(Duration::from_millis(20)) {
-            Ok(line) => {
-                main_pass_done = line.starts_with("Main pass done");
-                log.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    if !main_pass_done {
-        return Err(format!("no main pass:\n{}", log.join("\n")));
+    if !imaging.wait_for("Main pass done", Duration::from_secs(120)) {
+        return Err(format!("no main pass:\n{}", imaging.log()));
     }
     if timing == Timing::IntoCatchUp {
         std::thread::sleep(Duration::from_millis(300));
@@ -205,11 +170,8 @@ fn case(
         summaries.push(format!("{ops} ops"));
     }
     fs::remove_file(&hold).unwrap();
-    let status = child.0.wait().unwrap();
-    while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
-        log.push(line);
-    }
-    let log = format!("{}\nwriters: {}", log.join("\n"), summaries.join("; "));
+    let status = imaging.finish(Duration::from_secs(300));
+    let log = format!("{}\nwriters: {}", imaging.log(), summaries.join("; "));
     if !status.success() {
         return Err(format!("hot-clone exit {status}\n{log}"));
     }
