@@ -355,7 +355,7 @@ fn churn_stopped_before_the_end_is_captured_exactly(fs_kind: Fs) {
     let image = dir.path().join("fs.hc");
     let hold = dir.path().join("hold");
     fs::write(&hold, b"").unwrap();
-    let churn = Churn::start(mounted.path(), seed_from_env());
+    let churn = Churn::start(mounted.path(), test_seed());
     wait_for_ops(&churn, 20);
     let mut imaging = start_imaging(
         &device.path,
@@ -409,7 +409,7 @@ fn churn_frozen_for_the_final_round_is_one_instant(fs_kind: Fs) {
     let mounted = fs_kind.mount(&device.path);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("fs.hc");
-    let churn = Churn::start(mounted.path(), seed_from_env());
+    let churn = Churn::start(mounted.path(), test_seed());
     wait_for_ops(&churn, 20);
     let ops_before_run = churn.ops();
     let mut imaging = start_imaging(&device.path, &image, &["--freeze"]);
@@ -537,18 +537,4 @@ fn freeze_needs_a_mounted_filesystem() {
         "{}",
         stderr(&result)
     );
-}
-
-fn seed_from_env() -> u64 {
-    let seed = std::env::var("HOT_CLONE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("seed {seed} (replay with HOT_CLONE_TEST_SEED={seed})");
-    seed
 }

@@ -132,24 +132,16 @@ fn image_under_writes(device: &Path, writers: Vec<(PathBuf, std::ops::Range<u64>
     }
 }
 
-fn seed() -> u64 {
-    std::env::var("HOT_CLONE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 #[test]
 fn loop_512_under_writes() {
     let device = LoopDevice::new(96 << 20);
     fill_device(&device.path, 1);
     let size = device_size(&device.path);
-    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+    image_under_writes(
+        &device.path,
+        vec![(device.path.clone(), 0..size)],
+        test_seed(),
+    );
 }
 
 #[test]
@@ -157,7 +149,11 @@ fn loop_4k_under_writes() {
     let device = LoopDevice::with_sector_size(96 << 20, 4096);
     fill_device(&device.path, 2);
     let size = device_size(&device.path);
-    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+    image_under_writes(
+        &device.path,
+        vec![(device.path.clone(), 0..size)],
+        test_seed(),
+    );
 }
 
 #[test]
@@ -165,7 +161,7 @@ fn zram_under_writes() {
     let zram = Zram::new(256 << 20);
     fill_device(&zram.path, 3);
     let size = device_size(&zram.path);
-    image_under_writes(&zram.path, vec![(zram.path.clone(), 0..size)], seed());
+    image_under_writes(&zram.path, vec![(zram.path.clone(), 0..size)], test_seed());
 }
 
 #[test]
@@ -175,7 +171,11 @@ fn odd_sized_device_under_writes() {
     fill_device(&device.path, 4);
     let size = device_size(&device.path);
     assert_eq!(size % (1 << 20), 12 * 1024);
-    image_under_writes(&device.path, vec![(device.path.clone(), 0..size)], seed());
+    image_under_writes(
+        &device.path,
+        vec![(device.path.clone(), 0..size)],
+        test_seed(),
+    );
 }
 
 #[test]
@@ -193,7 +193,7 @@ fn partition_at_odd_offset_with_writes_inside_and_outside() {
             (disk.path.clone(), outside),
             (disk.path.clone(), 0..start * 512 - 512),
         ],
-        seed(),
+        test_seed(),
     );
 }
 
@@ -217,7 +217,7 @@ fn lost_events_end_in_status_4_and_no_trailer() {
     );
     assert!(imaging.wait_for("Main pass:"), "{}", imaging.log());
     imaging.signal(libc::SIGSTOP);
-    let writer = RandomWriter::start(&device.path, 0..size, seed(), 0);
+    let writer = RandomWriter::start(&device.path, 0..size, test_seed(), 0);
     std::thread::sleep(Duration::from_millis(500));
     writer.stop();
     imaging.signal(libc::SIGCONT);
@@ -298,7 +298,7 @@ fn sigterm_cleans_up_and_sigkill_leftovers_are_removed_by_the_next_run() {
 fn writes_that_never_stop_end_unconverged_with_status_3() {
     let device = LoopDevice::new(32 << 20);
     let size = device_size(&device.path);
-    let writer = RandomWriter::start(&device.path, 0..size, seed(), 0);
+    let writer = RandomWriter::start(&device.path, 0..size, test_seed(), 0);
     let mut imaging = Imaging::start(&device.path, &["--max-rounds", "2"]);
     imaging.release();
     let status = imaging.finish();

@@ -212,19 +212,6 @@ fn case(
     Ok(())
 }
 
-fn base_seed() -> u64 {
-    std::env::var("HOT_CLONE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        })
-}
-
 /// Runs writes x timings x seeds on one device; fails listing every
 /// failed case with its seed.
 fn matrix(
@@ -235,7 +222,7 @@ fn matrix(
     timings: &[Timing],
     rate: u32,
 ) {
-    let base = base_seed();
+    let base = test_seed();
     let mut failures = Vec::new();
     let mut cases = 0;
     for &w in writes {

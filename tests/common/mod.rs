@@ -465,3 +465,21 @@ impl Drop for RandomWriter {
         }
     }
 }
+
+/// The seed of a randomized test: `HOT_CLONE_TEST_SEED` to replay one,
+/// else from the clock (kept below 2^30 so derived seeds never overflow).
+/// Printed, so that a failure's output names it.
+pub fn test_seed() -> u64 {
+    let seed = std::env::var("HOT_CLONE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % (1 << 30)
+        });
+    eprintln!("seed {seed} (replay with HOT_CLONE_TEST_SEED={seed})");
+    seed
+}
