@@ -127,6 +127,13 @@ pub struct ImageArgs {
     /// process's own).
     #[arg(long, value_name = "CLASS", default_value = "none", value_parser = parse_ioprio)]
     pub ioprio: u16,
+    /// Yield to the live workload: start reading slowly, speed up while
+    /// the latency of its writes (seen in the trace) stays near the lowest
+    /// seen, halve the rate when it climbs. Needs a device that reports
+    /// write completions (loop, NVMe, SCSI, partitions; not zram).
+    /// --max-rate, if given, caps it.
+    #[arg(long)]
+    pub adaptive: bool,
     /// Where write events come from: blktrace (the classic relay files;
     /// blocked under kernel lockdown), tracefs, or auto (blktrace, else
     /// tracefs, saying why).
@@ -312,6 +319,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.hold_file = args.hold_file;
     options.verbose = args.verbose;
     options.freeze = args.freeze;
+    options.adaptive = args.adaptive;
     options.hold_frozen_file = args.hold_frozen_file;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);

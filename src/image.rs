@@ -17,6 +17,7 @@
 //! 5. The END trailer, only for a run that can vouch for what it captured.
 //!    Lost events, a signal, or an error end the stream without one.
 
+use crate::adaptive::{self, Controller, LatencyProbe};
 use crate::blockdev::DevNum;
 use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
@@ -123,6 +124,8 @@ pub struct ImageOptions {
     /// Test hook: while frozen, stay frozen while this file exists (so a
     /// test can interrupt a run while the filesystem is frozen).
     pub hold_frozen_file: Option<PathBuf>,
+    /// Pace reads by the workload's write latency (`crate::adaptive`).
+    pub adaptive: bool,
 }
 
 impl ImageOptions {
@@ -141,6 +144,7 @@ impl ImageOptions {
             main_pass_done: None,
             freeze: false,
             hold_frozen_file: None,
+            adaptive: false,
         }
     }
 }
@@ -194,6 +198,8 @@ pub struct RunStats {
     /// long writes to them were blocked.
     pub frozen: Vec<PathBuf>,
     pub freeze_seconds: Option<f64>,
+    /// `--adaptive`: the lowest and highest read rate it set (bytes/s).
+    pub adaptive_rate_range: Option<(u64, u64)>,
     pub seconds: f64,
 }
 
@@ -373,6 +379,8 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         started: Instant::now(),
         mounts,
         freeze_seconds: Mutex::new(None),
+        probe: Mutex::new(LatencyProbe::default()),
+        rates: Mutex::new((u64::MAX, 0)),
     };
     let result = run.image();
     let writer = lock(&run.writer).take();
@@ -559,6 +567,10 @@ struct Run<'a> {
     /// `--freeze`: what to freeze for the final round.
     mounts: Vec<Mount>,
     freeze_seconds: Mutex<Option<f64>>,
+    /// `--adaptive`: the workload's write latencies, fed by every drain.
+    probe: Mutex<LatencyProbe>,
+    /// `--adaptive`: the lowest and highest rate set.
+    rates: Mutex<(u64, u64)>,
 }
 
 /// The outcome of waiting for the disk to have no write in flight.
@@ -673,6 +685,7 @@ impl Run<'_> {
             unconverged_changed_bytes: changed_bytes,
             frozen: self.mounts.iter().map(|m| m.mountpoint.clone()).collect(),
             freeze_seconds: *lock(&self.freeze_seconds),
+            adaptive_rate_range: self.options.adaptive.then(|| *lock(&self.rates)),
             seconds: self.started.elapsed().as_secs_f64(),
         };
         Ok((verdict, stats))
@@ -1028,6 +1041,16 @@ impl Run<'_> {
         for event in &events {
             self.mark(event);
         }
+        if self.options.adaptive {
+            let mut probe = lock(&self.probe);
+            for event in &events {
+                match event.phase {
+                    Phase::Queue => probe.queued(event.sector_first, event.timestamp_ns),
+                    Phase::Complete => probe.completed(event.sector_first, event.timestamp_ns),
+                    Phase::Issue => {}
+                }
+            }
+        }
         // Marked before the lock is released: whoever takes the dirty set
         // after holding this lock sees these writes.
         drop(source);
@@ -1063,7 +1086,27 @@ impl Run<'_> {
     /// signal it sets `stop` so the engine stops reading.
     fn pump(&self, done: &AtomicBool) -> anyhow::Result<()> {
         let mut last_loss_check = Instant::now();
+        let mut controller = Controller::new(self.options.engine.max_rate_bytes_per_second);
+        let mut last_window = Instant::now();
+        if self.options.adaptive {
+            self.set_rate(controller.rate());
+        }
         while !done.load(Ordering::SeqCst) {
+            if self.options.adaptive
+                && last_window.elapsed() >= Duration::from_millis(adaptive::WINDOW_MS)
+            {
+                last_window = Instant::now();
+                let latency = lock(&self.probe).take_window();
+                let rate = controller.on_window(latency);
+                self.set_rate(rate);
+                if self.options.verbose {
+                    eprintln!(
+                        "Adaptive: workload write latency {} -> reading at {}",
+                        latency.map_or("none".to_string(), |l| format!("{l:.0} us")),
+                        Rate(rate as f64)
+                    );
+                }
+            }
             if signals::interrupted() {
                 self.stop.store(true, Ordering::SeqCst);
             }
@@ -1077,6 +1120,13 @@ impl Run<'_> {
             }
         }
         self.update_lost()
+    }
+
+    fn set_rate(&self, bytes_per_second: u64) {
+        self.engine.set_rate_limit(bytes_per_second);
+        let mut rates = lock(&self.rates);
+        rates.0 = rates.0.min(bytes_per_second);
+        rates.1 = rates.1.max(bytes_per_second);
     }
 
     fn update_lost(&self) -> anyhow::Result<()> {

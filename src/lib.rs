@@ -3,6 +3,7 @@
 //! The pure parts (the image format, the dirty map, the trace parsers) do no
 //! I/O beyond `Read`/`Write`, so they can be unit-tested, fuzzed and benched.
 
+pub mod adaptive;
 pub mod blockdev;
 pub mod cli;
 pub mod demo;

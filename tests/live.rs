@@ -93,12 +93,21 @@ fn restored(image: &Path) -> Vec<u8> {
 /// Images `device` while writers run through the main pass and into the
 /// catch-up; then checks the restored image against the device.
 fn image_under_writes(device: &Path, writers: Vec<(PathBuf, std::ops::Range<u64>)>, seed: u64) {
+    image_under_writes_with(device, writers, seed, &[]);
+}
+
+fn image_under_writes_with(
+    device: &Path,
+    writers: Vec<(PathBuf, std::ops::Range<u64>)>,
+    seed: u64,
+    extra: &[&str],
+) {
     let running: Vec<RandomWriter> = writers
         .iter()
         .enumerate()
         .map(|(i, (path, range))| RandomWriter::start(path, range.clone(), seed + i as u64, 50))
         .collect();
-    let mut imaging = Imaging::start(device, &[]);
+    let mut imaging = Imaging::start(device, extra);
     assert!(
         imaging.wait_for("Main pass:"),
         "seed {seed}: {}",
@@ -153,6 +162,20 @@ fn loop_4k_under_writes() {
         &device.path,
         vec![(device.path.clone(), 0..size)],
         test_seed(),
+    );
+}
+
+/// The gentle modes change only the pace: the image is as complete.
+#[test]
+fn loop_under_writes_adaptive_and_idle_priority() {
+    let device = LoopDevice::new(64 << 20);
+    fill_device(&device.path, 8);
+    let size = device_size(&device.path);
+    image_under_writes_with(
+        &device.path,
+        vec![(device.path.clone(), 0..size)],
+        test_seed(),
+        &["--adaptive", "--ioprio", "idle", "--max-rate", "200M"],
     );
 }
 

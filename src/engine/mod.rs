@@ -116,21 +116,37 @@ struct Pacer {
     epoch: Instant,
     /// When the next read may start, in nanoseconds since `epoch`.
     next_ns: AtomicU64,
-    ns_per_byte: f64,
+    /// Nanoseconds per byte as f64 bits; 0.0 = no limit. Changed while
+    /// reads run by [`Engine::set_rate_limit`].
+    ns_per_byte_bits: AtomicU64,
 }
 
 impl Pacer {
     fn new(bytes_per_second: u64) -> Pacer {
-        Pacer {
+        let pacer = Pacer {
             epoch: Instant::now(),
             next_ns: AtomicU64::new(0),
-            ns_per_byte: 1e9 / bytes_per_second as f64,
-        }
+            ns_per_byte_bits: AtomicU64::new(0),
+        };
+        pacer.set_rate(bytes_per_second);
+        pacer
+    }
+
+    /// 0 = no limit.
+    fn set_rate(&self, bytes_per_second: u64) {
+        let ns_per_byte = if bytes_per_second == 0 {
+            0.0
+        } else {
+            1e9 / bytes_per_second as f64
+        };
+        self.ns_per_byte_bits
+            .store(ns_per_byte.to_bits(), Ordering::Relaxed);
     }
 
     /// Reserves `len_bytes` of the rate and returns when the read may start.
     fn reserve(&self, len_bytes: u32) -> Instant {
-        let cost_ns = (f64::from(len_bytes) * self.ns_per_byte) as u64;
+        let ns_per_byte = f64::from_bits(self.ns_per_byte_bits.load(Ordering::Relaxed));
+        let cost_ns = (f64::from(len_bytes) * ns_per_byte) as u64;
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
         let mut next = self.next_ns.load(Ordering::Relaxed);
         loop {
@@ -236,8 +252,8 @@ pub struct Engine {
     settings: EngineSettings,
     /// One `read_extents` at a time: the workers' rings are not shared.
     run_lock: Mutex<()>,
-    /// `max_rate_bytes_per_second`, across every call.
-    pacer: Option<Pacer>,
+    /// The rate limit, across every call (no limit when 0).
+    pacer: Pacer,
 }
 
 impl Engine {
@@ -338,9 +354,13 @@ impl Engine {
             cores,
             settings,
             run_lock: Mutex::new(()),
-            pacer: (config.max_rate_bytes_per_second > 0)
-                .then(|| Pacer::new(config.max_rate_bytes_per_second)),
+            pacer: Pacer::new(config.max_rate_bytes_per_second),
         })
+    }
+
+    /// Changes the rate limit, also while reads run; 0 = no limit.
+    pub fn set_rate_limit(&self, bytes_per_second: u64) {
+        self.pacer.set_rate(bytes_per_second);
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -391,7 +411,7 @@ impl Engine {
             stop,
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
-            pacer: self.pacer.as_ref(),
+            pacer: Some(&self.pacer),
         };
         // No more workers than reads: a catch-up of one block uses one.
         let crew = (geometry
