@@ -52,6 +52,36 @@ impl std::fmt::Display for DevNum {
     }
 }
 
+/// The block device a file's data lives on: the filesystem's device for a
+/// regular file or directory, the device itself for a block device, None
+/// for anything else (a pipe, a terminal, a character device).
+pub fn device_holding(meta: &fs::Metadata) -> Option<DevNum> {
+    let kind = meta.file_type();
+    if kind.is_block_device() {
+        Some(DevNum::from_rdev(meta.rdev()))
+    } else if kind.is_file() || kind.is_dir() {
+        Some(DevNum::from_rdev(meta.dev()))
+    } else {
+        None
+    }
+}
+
+/// Where a file at `path` would live: `path` if it exists, else its
+/// directory (`.` for a bare name). Errors name the path looked at.
+pub fn device_for_new_file(path: &Path) -> io::Result<Option<DevNum>> {
+    let probe = if path.exists() {
+        path.to_path_buf()
+    } else {
+        match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    fs::metadata(&probe)
+        .map(|meta| device_holding(&meta))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot stat {}: {e}", probe.display())))
+}
+
 // From <linux/fs.h>: _IOR(0x12, 114, size_t) and _IO(0x12, 104).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;

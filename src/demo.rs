@@ -5,12 +5,14 @@
 //! with the device; a summary. Everything it made is removed on every path
 //! (the loop device and the directory are owned by guards).
 
+use crate::aligned::{AlignedBuf, XorShift};
+use crate::compare::{Side, compare};
 use crate::image::{self, ImageOptions, Output, Verdict};
 use crate::restore::{self, ImageSource, Options};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, bail};
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,10 +98,20 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
         Options::default(),
     )
     .context("cannot reassemble the demo image")?;
-    if let Some(offset) = first_difference(&restored, &device.path)? {
+    let (restored_side, device_side) = (Side::open(&restored)?, Side::open(&device.path)?);
+    if restored_side.len_bytes != device_side.len_bytes {
         bail!(
-            "the restored image differs from {} at byte {offset}: this is a bug, please report it",
-            device.path.display()
+            "the restored image is {} bytes, {} is {}: this is a bug, please report it",
+            restored_side.len_bytes,
+            device.path.display(),
+            device_side.len_bytes
+        );
+    }
+    if let Some(&(block, _)) = compare(&restored_side, &device_side, 512)?.ranges.first() {
+        bail!(
+            "the restored image differs from {} at byte {}: this is a bug, please report it",
+            device.path.display(),
+            block * 512
         );
     }
     let stats = &outcome.stats;
@@ -133,14 +145,12 @@ fn fill(path: &Path, size_bytes: u64, seed: u64) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift::from_state(seed);
     let mut chunk = vec![0u8; 1 << 20];
     let mut left = size_bytes;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
-        for word in chunk[..n].chunks_exact_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
-        }
+        rng.fill(&mut chunk[..n]);
         file.write_all(&chunk[..n])
             .with_context(|| format!("cannot write {}", path.display()))?;
         left -= n as u64;
@@ -161,18 +171,18 @@ fn write_randomly(
         .custom_flags(libc::O_DIRECT)
         .open(device)
         .with_context(|| format!("cannot open {} for the demo's writer", device.display()))?;
-    let mut buffer = AlignedBlock::new();
-    let mut rng = Rng(options.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut buffer = AlignedBuf::new(WRITE_BYTES);
+    let mut rng = XorShift::new(options.seed);
     let blocks = options.size_bytes / WRITE_BYTES as u64;
     let interval = Duration::from_micros(1_000_000 / WRITES_PER_SECOND);
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        let block = rng.next() % blocks;
-        let stamp = rng.next();
-        for word in buffer.as_mut().chunks_exact_mut(8) {
+        let block = rng.next_u64() % blocks;
+        let stamp = rng.next_u64();
+        for word in buffer.chunks_exact_mut(8) {
             word.copy_from_slice(&stamp.to_le_bytes());
         }
-        file.write_all_at(buffer.as_mut(), block * WRITE_BYTES as u64)
+        file.write_all_at(&buffer, block * WRITE_BYTES as u64)
             .with_context(|| format!("demo write to {} block {block}", device.display()))?;
         writes.fetch_add(1, Ordering::SeqCst);
         next += interval;
@@ -181,54 +191,6 @@ fn write_randomly(
         }
     }
     Ok(())
-}
-
-/// First byte offset where two files differ, or None. Reads the device
-/// with O_DIRECT so the page cache cannot hide what is on it.
-fn first_difference(file: &Path, device: &Path) -> anyhow::Result<Option<u64>> {
-    let mut a = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let mut b = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(device)
-        .with_context(|| format!("cannot open {}", device.display()))?;
-    const CHUNK: usize = 1 << 20;
-    let mut left = vec![0u8; CHUNK];
-    let mut right = AlignedChunk::new(CHUNK);
-    let mut offset = 0u64;
-    loop {
-        let n = read_full(&mut b, right.as_mut())
-            .with_context(|| format!("cannot read {}", device.display()))?;
-        let m = read_full(&mut a, &mut left[..n.max(1)])
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        if n == 0 {
-            return Ok((m != 0).then_some(offset));
-        }
-        if m != n {
-            return Ok(Some(offset + m as u64));
-        }
-        if let Some(at) = left[..n]
-            .iter()
-            .zip(&right.as_mut()[..n])
-            .position(|(x, y)| x != y)
-        {
-            return Ok(Some(offset + at as u64));
-        }
-        offset += n as u64;
-    }
-}
-
-fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// A loop device attached for the demo; detached on drop.
@@ -265,62 +227,5 @@ impl Drop for LoopDevice {
                 self.path.display()
             );
         }
-    }
-}
-
-/// One 4 KiB block aligned for O_DIRECT.
-struct AlignedBlock(AlignedChunk);
-
-impl AlignedBlock {
-    fn new() -> AlignedBlock {
-        AlignedBlock(AlignedChunk::new(WRITE_BYTES))
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_mut()
-    }
-}
-
-/// A page-aligned heap buffer.
-struct AlignedChunk {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedChunk {
-    fn new(len: usize) -> AlignedChunk {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
-        // SAFETY: non-zero size (callers pass at least one block).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory");
-        AlignedChunk { ptr, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` owns `len` initialised bytes until drop.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedChunk {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
-// SAFETY: the buffer is plain bytes owned by this value alone.
-unsafe impl Send for AlignedChunk {}
-
-/// xorshift64*: the demo only needs varied, reproducible data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }

@@ -28,3 +28,15 @@ impl From<Exit> for ExitCode {
         ExitCode::from(exit as u8)
     }
 }
+
+/// `main` of a bundled tool: Ok → 0; an error → "PROGRAM: error: ..." with
+/// its causes on one line, and 1.
+pub fn tool_exit(program: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{program}: error: {error:#}");
+            ExitCode::from(Exit::Failure as u8)
+        }
+    }
+}

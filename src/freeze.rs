@@ -168,20 +168,10 @@ impl Drop for Frozen {
 /// Whether `path` (or, if it does not exist, its parent) is on one of the
 /// filesystems in `mounts`.
 pub fn is_on(path: &Path, mounts: &[Mount]) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let probe = if path.exists() {
-        path.to_path_buf()
-    } else {
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    };
-    fs::metadata(&probe)
-        .map(|meta| {
-            let dev = DevNum::from_rdev(meta.dev());
-            mounts.iter().any(|m| m.dev == dev)
-        })
-        .unwrap_or(false)
+    crate::blockdev::device_for_new_file(path)
+        .ok()
+        .flatten()
+        .is_some_and(|dev| mounts.iter().any(|m| m.dev == dev))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //!    Lost events, a signal, or an error end the stream without one.
 
 use crate::adaptive::{self, Controller, LatencyProbe};
-use crate::blockdev::DevNum;
+use crate::blockdev;
 use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
 use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
@@ -36,7 +36,7 @@ use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -471,21 +471,11 @@ fn open_output(output: &Output, device: &SourceDevice, force: bool) -> anyhow::R
             if meta.file_type().is_fifo() {
                 grow_pipe(&file);
             }
-            let lives_on = lives_on(&meta);
+            let lives_on = blockdev::device_holding(&meta);
             (file, "standard output".to_string(), lives_on)
         }
         Output::File(path) => {
-            let probe = if path.exists() {
-                path.clone()
-            } else {
-                match path.parent() {
-                    Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-                    _ => PathBuf::from("."),
-                }
-            };
-            let meta =
-                fs::metadata(&probe).with_context(|| format!("cannot stat {}", probe.display()))?;
-            let lives_on = lives_on(&meta);
+            let lives_on = blockdev::device_for_new_file(path)?;
             if !(force || lives_on.is_none_or(|dev| !imaged.contains(&dev))) {
                 bail!(refusal(&path.display().to_string(), device));
             }
@@ -523,19 +513,6 @@ fn refusal(name: &str, device: &SourceDevice) -> String {
         "refusing to write the image to {name}: it is on {} itself, the device being imaged, so writing it would change what is being imaged (use --force to do it anyway)",
         device.path.display()
     )
-}
-
-/// The block device a file's data lives on: the filesystem's device for a
-/// regular file or directory, the device itself for a block device.
-fn lives_on(meta: &fs::Metadata) -> Option<DevNum> {
-    let kind = meta.file_type();
-    if kind.is_block_device() {
-        Some(DevNum::from_rdev(meta.rdev()))
-    } else if kind.is_file() || kind.is_dir() {
-        Some(DevNum::from_rdev(meta.dev()))
-    } else {
-        None
-    }
 }
 
 fn write_stats(options: &ImageOptions, stats: &RunStats) -> anyhow::Result<()> {
@@ -896,9 +873,10 @@ impl Run<'_> {
     fn settle(&self, wait_max: Duration) -> anyhow::Result<Settled> {
         let started = Instant::now();
         let mut pause = Duration::from_micros(50);
+        let mut events = Vec::new();
         loop {
             signals::check()?;
-            self.drain(true)?;
+            self.drain(true, &mut events)?;
             let (_, writes) = self.device.inflight()?;
             if writes == 0 {
                 return Ok(Settled::Quiet);
@@ -1029,21 +1007,23 @@ impl Run<'_> {
 
     /// Drains the trace once, marking every write. `sync` waits first until
     /// every event emitted before the call is readable.
-    fn drain(&self, sync: bool) -> anyhow::Result<usize> {
-        let mut events = Vec::new();
+    /// `events` is scratch space the caller keeps, so that draining every
+    /// couple of milliseconds allocates nothing once it has grown.
+    fn drain(&self, sync: bool, events: &mut Vec<WriteEvent>) -> anyhow::Result<usize> {
+        events.clear();
         let mut source = lock(&self.source);
         if sync {
-            source.sync_drain(&mut events)
+            source.sync_drain(events)
         } else {
-            source.drain(&mut events)
+            source.drain(events)
         }
         .context("cannot read the trace")?;
-        for event in &events {
+        for event in events.iter() {
             self.mark(event);
         }
         if self.options.adaptive {
             let mut probe = lock(&self.probe);
-            for event in &events {
+            for event in events.iter() {
                 match event.phase {
                     Phase::Queue => probe.queued(event.sector_first, event.timestamp_ns),
                     Phase::Complete => probe.completed(event.sector_first, event.timestamp_ns),
@@ -1088,6 +1068,7 @@ impl Run<'_> {
         let mut last_loss_check = Instant::now();
         let mut controller = Controller::new(self.options.engine.max_rate_bytes_per_second);
         let mut last_window = Instant::now();
+        let mut events = Vec::new();
         if self.options.adaptive {
             self.set_rate(controller.rate());
         }
@@ -1110,7 +1091,7 @@ impl Run<'_> {
             if signals::interrupted() {
                 self.stop.store(true, Ordering::SeqCst);
             }
-            let drained = self.drain(false)?;
+            let drained = self.drain(false, &mut events)?;
             if last_loss_check.elapsed() >= LOSS_CHECK_INTERVAL {
                 last_loss_check = Instant::now();
                 self.update_lost()?;

@@ -4,8 +4,10 @@
 //! I/O beyond `Read`/`Write`, so they can be unit-tested, fuzzed and benched.
 
 pub mod adaptive;
+pub mod aligned;
 pub mod blockdev;
 pub mod cli;
+pub mod compare;
 pub mod demo;
 pub mod device;
 pub mod dirty;

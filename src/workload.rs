@@ -4,6 +4,7 @@
 //! at a fixed rate, until told to stop. It writes to the device it is given:
 //! never point it at data you want to keep.
 
+use crate::aligned::{AlignedBuf, XorShift};
 use anyhow::Context;
 use std::fs::OpenOptions;
 use std::ops::Range;
@@ -57,7 +58,7 @@ pub enum OperationKind {
 
 /// The deterministic sequence of operations for a seed, a range and a mix.
 pub struct Plan {
-    state: u64,
+    rng: XorShift,
     mix: Mix,
     block_bytes: u64,
     first_block: u64,
@@ -71,7 +72,7 @@ impl Plan {
         let first_block = range.start.div_ceil(block_bytes);
         let end_block = range.end / block_bytes;
         (end_block > first_block && !mix.sizes.is_empty()).then(|| Plan {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            rng: XorShift::new(seed),
             mix,
             block_bytes,
             first_block,
@@ -80,10 +81,7 @@ impl Plan {
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
+        self.rng.next_u64()
     }
 
     pub fn next_operation(&mut self) -> Operation {
@@ -165,7 +163,7 @@ pub fn run_writer(
         .copied()
         .unwrap_or(4096)
         .max(block_bytes);
-    let mut buffer = AlignedBuffer::new(largest.next_multiple_of(block_bytes) as usize);
+    let mut buffer = AlignedBuf::new(largest.next_multiple_of(block_bytes) as usize);
     let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(rate)));
     let started = Instant::now();
     let mut counts = Counts::default();
@@ -173,7 +171,7 @@ pub fn run_writer(
         let op = plan.next_operation();
         match op.kind {
             OperationKind::Write => {
-                let data = &mut buffer.as_mut()[..op.len_bytes as usize];
+                let data = &mut buffer[..op.len_bytes as usize];
                 let fill = plan.next_u64();
                 for (i, word) in data.chunks_exact_mut(8).enumerate() {
                     word.copy_from_slice(
@@ -228,36 +226,6 @@ pub fn run_writer(
         }
     }
     Ok(counts)
-}
-
-/// A page-aligned buffer for O_DIRECT.
-struct AlignedBuffer {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuffer {
-    fn new(len: usize) -> AlignedBuffer {
-        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("layout");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        AlignedBuffer {
-            ptr: std::ptr::NonNull::new(ptr).expect("out of memory"),
-            layout,
-        }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the allocation holds layout.size() initialised bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
 }
 
 #[cfg(test)]

@@ -65,13 +65,10 @@ fn main() -> anyhow::Result<()> {
         args.blocks
     );
     let map = DirtyMap::new(device.size_bytes, 4096);
-    let mut rng = args.seed | 1;
+    let mut rng = hot_clone::aligned::XorShift::from_state(args.seed);
     let mut chosen = std::collections::HashSet::new();
     while (chosen.len() as u64) < args.blocks {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let block = rng % block_count;
+        let block = rng.next_u64() % block_count;
         if chosen.insert(block) {
             map.mark_sectors(block * 8, 8);
         }

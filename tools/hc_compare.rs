@@ -6,9 +6,10 @@
 
 use anyhow::Context;
 use clap::Parser;
-use std::fs::{File, OpenOptions};
+use hot_clone::compare::{Side, compare};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -40,11 +41,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// A side of the comparison, opened for reading; holds the temporary
-/// restore of an image alive.
-struct Side {
-    file: File,
-    name: String,
+/// A side of the comparison; holds the temporary restore of an image alive.
+struct Opened {
+    side: Side,
     _restored: Option<tempfile::TempDir>,
 }
 
@@ -58,103 +57,36 @@ fn is_image(path: &Path) -> anyhow::Result<bool> {
     Ok(first.windows(9).any(|w| w == b"Hot-Clone"))
 }
 
-fn open(path: &Path) -> anyhow::Result<Side> {
-    let name = path.display().to_string();
-    if is_image(path)? {
-        let dir = tempfile::tempdir()?;
-        let out = dir.path().join("restored.img");
-        hot_clone::restore::reassemble(
-            &hot_clone::restore::ImageSource::File(path.to_path_buf()),
-            &out,
-            hot_clone::restore::Options { allow_legacy: true },
-        )
-        .with_context(|| format!("cannot restore the image {name}"))?;
-        return Ok(Side {
-            file: File::open(&out)?,
-            name,
-            _restored: Some(dir),
+fn open(path: &Path) -> anyhow::Result<Opened> {
+    if !is_image(path)? {
+        return Ok(Opened {
+            side: Side::open(path)?,
+            _restored: None,
         });
     }
-    let meta = std::fs::metadata(path)?;
-    let file = if meta.file_type().is_block_device() {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-    } else {
-        File::open(path)
-    }
-    .with_context(|| format!("cannot open {name}"))?;
-    Ok(Side {
-        file,
-        name,
-        _restored: None,
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("restored.img");
+    hot_clone::restore::reassemble(
+        &hot_clone::restore::ImageSource::File(path.to_path_buf()),
+        &out,
+        hot_clone::restore::Options { allow_legacy: true },
+    )
+    .with_context(|| format!("cannot restore the image {}", path.display()))?;
+    let mut side = Side::open(&out)?;
+    side.name = path.display().to_string();
+    Ok(Opened {
+        side,
+        _restored: Some(dir),
     })
 }
 
-fn size_of(side: &Side) -> anyhow::Result<u64> {
-    let meta = side.file.metadata()?;
-    if meta.file_type().is_block_device() {
-        Ok(hot_clone::blockdev::size_bytes(&side.file)?)
-    } else {
-        Ok(meta.len())
-    }
-}
-
-/// Reads as much of `buf` as the side has.
-fn fill(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
 fn run(args: &Args) -> anyhow::Result<bool> {
-    anyhow::ensure!(
-        args.block > 0 && args.block.is_multiple_of(512),
-        "--block must be a multiple of 512"
-    );
-    let mut a = open(&args.a)?;
-    let mut b = open(&args.b)?;
-    let (size_a, size_b) = (size_of(&a)?, size_of(&b)?);
-    const CHUNK: usize = 4 << 20;
-    let mut buf_a = AlignedChunk::new(CHUNK);
-    let mut buf_b = AlignedChunk::new(CHUNK);
-    let mut ranges: Vec<(u64, u64)> = Vec::new(); // (first block, count)
-    let mut differing = 0u64;
-    let mut offset = 0u64;
-    let common = size_a.min(size_b);
-    while offset < common {
-        let want = ((common - offset) as usize).min(CHUNK);
-        let want_aligned = want.next_multiple_of(4096).min(CHUNK);
-        let got_a = fill(&mut a.file, &mut buf_a.as_mut()[..want_aligned])
-            .with_context(|| format!("reading {} at byte {offset}", a.name))?;
-        let got_b = fill(&mut b.file, &mut buf_b.as_mut()[..want_aligned])
-            .with_context(|| format!("reading {} at byte {offset}", b.name))?;
-        let n = got_a.min(got_b).min(want);
-        anyhow::ensure!(n > 0, "short read at byte {offset}");
-        for (i, (x, y)) in buf_a.as_mut()[..n]
-            .chunks(args.block as usize)
-            .zip(buf_b.as_mut()[..n].chunks(args.block as usize))
-            .enumerate()
-        {
-            if x != y {
-                let block = offset / args.block + i as u64;
-                differing += 1;
-                match ranges.last_mut() {
-                    Some((first, count)) if *first + *count == block => *count += 1,
-                    _ => ranges.push((block, 1)),
-                }
-            }
-        }
-        offset += n as u64;
-    }
+    let a = open(&args.a)?;
+    let b = open(&args.b)?;
+    let (a, b) = (&a.side, &b.side);
+    let (size_a, size_b) = (a.len_bytes, b.len_bytes);
+    let found = compare(a, b, args.block)?;
+    let (ranges, differing) = (found.ranges, found.blocks);
     if size_a != size_b {
         println!(
             "sizes differ: {} is {size_a} bytes, {} is {size_b} bytes",
@@ -177,19 +109,4 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         println!("  ... {} more ranges", ranges.len() - args.max_list);
     }
     Ok(false)
-}
-
-/// A page-aligned buffer for O_DIRECT reads.
-struct AlignedChunk(Vec<u8>, usize, usize);
-
-impl AlignedChunk {
-    fn new(len: usize) -> AlignedChunk {
-        let buf = vec![0u8; len + 4096];
-        let skip = buf.as_ptr().align_offset(4096);
-        AlignedChunk(buf, skip, len)
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.0[self.1..self.1 + self.2]
-    }
 }

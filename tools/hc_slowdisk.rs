@@ -279,14 +279,7 @@ impl Filesystem for SlowDisk {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hc-slowdisk: error: {error:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    hot_clone::exit::tool_exit("hc-slowdisk", run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

@@ -53,13 +53,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     hot_clone::signals::install();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hc-writer: error: {error:#}");
-            ExitCode::from(1)
-        }
-    }
+    hot_clone::exit::tool_exit("hc-writer", run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

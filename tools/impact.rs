@@ -18,6 +18,7 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use hot_clone::aligned::{AlignedBuf, XorShift};
 use hot_clone::cli::parse_bytes;
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -101,14 +102,7 @@ struct Report {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hc-impact: error: {error:#}");
-            ExitCode::from(1)
-        }
-    }
+    hot_clone::exit::tool_exit("hc-impact", run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -215,9 +209,9 @@ fn workload(
         .custom_flags(libc::O_DIRECT)
         .open(device)
         .with_context(|| format!("cannot open {}", device.display()))?;
-    let mut buffer = Aligned::new(BLOCK);
+    let mut buffer = AlignedBuf::new(BLOCK);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = XorShift::new(seed);
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
     let total = (args.seconds * f64::from(args.rate)) as u64;
     let started = Instant::now();
@@ -226,15 +220,13 @@ fn workload(
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
+        let rng = rng.next_u64();
         let offset = (rng % blocks) * BLOCK as u64;
         if (rng >> 40) % 100 < u64::from(args.read_percent) {
-            file.read_exact_at(buffer.as_mut(), offset)
+            file.read_exact_at(&mut buffer, offset)
         } else {
-            buffer.as_mut()[..8].copy_from_slice(&k.to_le_bytes());
-            file.write_all_at(buffer.as_mut(), offset)
+            buffer[..8].copy_from_slice(&k.to_le_bytes());
+            file.write_all_at(&buffer, offset)
         }
         .with_context(|| format!("{} at byte {offset}", device.display()))?;
         histogram.record(due.elapsed().as_micros().max(1) as u64)?;
@@ -360,16 +352,11 @@ impl Scratch {
         let dir = tempfile::Builder::new().prefix("hc-impact-").tempdir()?;
         let backing = dir.path().join("disk.img");
         let mut file = File::create(&backing)?;
-        let mut rng = seed | 1;
+        let mut rng = XorShift::from_state(seed);
         let mut chunk = vec![0u8; 1 << 20];
         let mut left = size;
         while left > 0 {
-            for word in chunk.chunks_exact_mut(8) {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                word.copy_from_slice(&rng.to_le_bytes());
-            }
+            rng.fill(&mut chunk);
             let n = left.min(chunk.len() as u64) as usize;
             file.write_all(&chunk[..n])?;
             left -= n as u64;
@@ -399,34 +386,5 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
-
-/// A page-aligned buffer for O_DIRECT.
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory");
-        Aligned { ptr, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` owns `len` initialised bytes until drop.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
     }
 }

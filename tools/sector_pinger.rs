@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use hot_clone::aligned::AlignedBuf;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -33,13 +34,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     hot_clone::signals::install();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("sector-pinger: error: {error:#}");
-            ExitCode::from(1)
-        }
-    }
+    hot_clone::exit::tool_exit("sector-pinger", run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -50,7 +45,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open {}", args.device.display()))?;
     let lbs = u64::from(hot_clone::blockdev::logical_block_bytes(&file)?);
     let size = hot_clone::blockdev::size_bytes(&file)?;
-    let mut block = Aligned::new(lbs as usize);
+    let mut block = AlignedBuf::new(lbs as usize);
     let mut n = 0u64;
     while args.count.is_none_or(|c| n < c) && !hot_clone::signals::interrupted() {
         let sector = if n.is_multiple_of(2) {
@@ -65,10 +60,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             args.device.display()
         );
         let marker = format!("hot-clone ping {n} to sector {sector}\n");
-        let data = block.as_mut();
-        data.fill(0);
-        data[..marker.len()].copy_from_slice(marker.as_bytes());
-        file.write_all_at(data, offset)
+        block.fill(0);
+        block[..marker.len()].copy_from_slice(marker.as_bytes());
+        file.write_all_at(&block, offset)
             .with_context(|| format!("write to {} at byte {offset}", args.device.display()))?;
         println!("wrote ping {n} to sector {sector}");
         n += 1;
@@ -77,20 +71,4 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A page-aligned block for O_DIRECT.
-struct Aligned(Vec<u8>, usize);
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let buf = vec![0u8; len + 4096];
-        let skip = buf.as_ptr().align_offset(4096);
-        Aligned(buf, skip)
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        let len = self.0.len() - 4096;
-        &mut self.0[self.1..self.1 + len]
-    }
 }

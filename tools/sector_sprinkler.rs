@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use hot_clone::aligned::AlignedBuf;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -55,9 +56,7 @@ fn run(args: &Args) -> anyhow::Result<u64> {
     let lbs = u64::from(hot_clone::blockdev::logical_block_bytes(&file)?);
     let size = hot_clone::blockdev::size_bytes(&file)?;
     let end = args.end.unwrap_or(size / 512).min(size / 512);
-    let mut buf = vec![0u8; lbs as usize + 4096];
-    let skip = buf.as_ptr().align_offset(4096);
-    let block = &mut buf[skip..skip + lbs as usize];
+    let mut block = AlignedBuf::new(lbs as usize);
     let mut count = 0;
     let mut sector = args.start;
     while sector < end {
@@ -68,7 +67,7 @@ fn run(args: &Args) -> anyhow::Result<u64> {
         let marker = format!("{} {sector}\n", args.marker);
         block.fill(0);
         block[..marker.len()].copy_from_slice(marker.as_bytes());
-        file.write_all_at(block, offset)
+        file.write_all_at(&block, offset)
             .with_context(|| format!("write to {} at byte {offset}", args.device.display()))?;
         count += 1;
         sector += args.every;

@@ -267,36 +267,7 @@ impl Drop for Mounted {
     }
 }
 
-/// A heap buffer aligned for O_DIRECT.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-// SAFETY: the buffer is plain owned memory.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
-        // SAFETY: non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, layout }
-    }
-
-    pub fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr owns layout.size() initialised bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
-}
+pub use hot_clone::aligned::AlignedBuf;
 
 /// The whole content of a block device, read with O_DIRECT (so no stale
 /// page cache can hide what is on it).
