@@ -55,5 +55,23 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// The CRC-32C of one 1 MiB read: the crc32-instruction loop (`crc32c`
+/// crate) against the folding implementation the writer uses for large
+/// buffers (`format::crc32c_of`, `crc-fast`).
+fn bench_crc(c: &mut Criterion) {
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut group = c.benchmark_group("crc32c_1mib");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("crc32_instruction_loop", |b| {
+        b.iter(|| crc32c::crc32c(black_box(&data)))
+    });
+    group.bench_function("folded", |b| {
+        b.iter(|| hot_clone::format::crc32c_of(black_box(&data)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_crc);
 criterion_main!(benches);
