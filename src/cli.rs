@@ -106,19 +106,24 @@ pub struct ImageArgs {
     #[arg(long)]
     pub force: bool,
     /// Reader threads, one io_uring each, pinned to a CPU; 0 = the CPUs this
-    /// process may run on.
+    /// process may run on (one when paced: --max-rate, --adaptive).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Reads in flight per thread; 0 = by device kind (2 on zram-like
-    /// devices, up to 128 on queued ones; see PERF.md).
+    /// devices, 8 to 128 on queued ones to share 16 MiB; one when paced;
+    /// see PERF.md).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub queue_depth: u32,
-    /// Largest read, e.g. 1M; 0 = by device kind (1 MiB).
+    /// Largest read, e.g. 1M; 0 = by device kind (1 MiB; when paced on a
+    /// queued device, about half a millisecond of --max-rate, 64K to 1M,
+    /// 256K under --adaptive alone).
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
     pub chunk: u64,
     /// Read at most this many bytes per second (e.g. 200M), spread evenly
-    /// over time rather than in bursts, main pass and catch-up alike;
-    /// 0 = as fast as the device goes.
+    /// over time rather than in bursts, main pass and catch-up alike, with
+    /// one read in flight unless --threads/--queue-depth say otherwise
+    /// (so a live request waits behind one read of ours at most); 0 = as
+    /// fast as the device goes.
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
     pub max_rate: u64,
     /// I/O priority of every read: idle (served only when the device is
@@ -134,6 +139,13 @@ pub struct ImageArgs {
     /// --max-rate, if given, caps it.
     #[arg(long)]
     pub adaptive: bool,
+    /// Memory the dirty map may take at most, e.g. 4M; 0 = as much as it
+    /// needs (at most 32.3 MiB per TiB of device, taken as regions are
+    /// written). Once the bound is reached, a write to a region not written
+    /// before (16 MiB at 4 KiB blocks) marks the whole region: nothing is
+    /// missed, the catch-up re-reads more.
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
+    pub dirty_map_memory: u64,
     /// Where write events come from: blktrace (the classic relay files;
     /// blocked under kernel lockdown), tracefs, or auto (blktrace, else
     /// tracefs, saying why).
@@ -308,6 +320,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
         chunk_bytes,
         max_rate_bytes_per_second: args.max_rate,
         ioprio: args.ioprio,
+        paced: args.adaptive,
     };
     options.source = SourceConfig {
         kind: args.event_source,
@@ -320,6 +333,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.verbose = args.verbose;
     options.freeze = args.freeze;
     options.adaptive = args.adaptive;
+    options.dirty_map_memory_max = (args.dirty_map_memory > 0).then_some(args.dirty_map_memory);
     options.hold_frozen_file = args.hold_frozen_file;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);

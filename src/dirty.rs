@@ -206,6 +206,8 @@ pub struct DirtyMap {
     pool_claimed_count: AtomicUsize,
     /// 0 = empty, else pool leaf index + 1 of a zero leaf nobody uses.
     spare_leaves: [AtomicU32; SPARE_SLOT_COUNT],
+    /// Coarse bits set from clear (statistics only).
+    coarse_mark_count: AtomicU64,
 }
 
 impl fmt::Debug for DirtyMap {
@@ -289,6 +291,7 @@ impl DirtyMap {
             pool_leaf_count,
             pool_claimed_count: AtomicUsize::new(0),
             spare_leaves: std::array::from_fn(|_| AtomicU32::new(0)),
+            coarse_mark_count: AtomicU64::new(0),
         }
     }
 
@@ -317,6 +320,14 @@ impl DirtyMap {
 
     fn fixed_bytes(&self) -> u64 {
         fixed_bytes_for(self.leaf_count, self.leaf_summary.len())
+    }
+
+    /// How often a leaf was marked "whole leaf dirty" (from clean) because
+    /// the pool was used up: each such mark costs the catch-up a whole-leaf
+    /// re-read. Only a map [`with_memory_limit`](Self::with_memory_limit)
+    /// below its need does this.
+    pub fn coarse_mark_count(&self) -> u64 {
+        self.coarse_mark_count.load(Ordering::Relaxed)
     }
 
     fn leaves_claimed(&self) -> usize {
@@ -364,7 +375,9 @@ impl DirtyMap {
                 }
                 LeafForMark::PoolExhausted => {
                     let (word, bit) = leaf_bit(&self.leaf_coarse, leaf_index);
-                    word.fetch_or(bit, Ordering::AcqRel);
+                    if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                        self.coarse_mark_count.fetch_add(1, Ordering::Relaxed);
+                    }
                     true
                 }
             };
@@ -1102,10 +1115,16 @@ mod tests {
             ]
         );
 
-        // No pool at all still works.
+        // No pool at all still works, and counts each whole-leaf mark once
+        // per take.
         let map = DirtyMap::with_memory_limit(device_bytes, 4096, 0);
         map.mark_sectors(0, 1);
+        map.mark_sectors(8, 1);
+        assert_eq!(map.coarse_mark_count(), 1);
         assert_eq!(take_all(&map, u64::MAX), [extent(0, leaf_bytes_of_device)]);
+        map.mark_sectors(0, 1);
+        assert_eq!(map.coarse_mark_count(), 2);
+        assert_eq!(DirtyMap::new(device_bytes, 4096).coarse_mark_count(), 0);
     }
 
     #[test]

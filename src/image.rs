@@ -126,6 +126,12 @@ pub struct ImageOptions {
     pub hold_frozen_file: Option<PathBuf>,
     /// Pace reads by the workload's write latency (`crate::adaptive`).
     pub adaptive: bool,
+    /// Bytes the dirty map may take at most; `None` = enough for every
+    /// block (32.27 MiB per TiB at 4 KiB blocks, committed as written).
+    /// Past the bound, newly written 16 MiB regions are kept whole
+    /// ([`DirtyMap::with_memory_limit`]): the catch-up re-reads more, never
+    /// less, than was written.
+    pub dirty_map_memory_max: Option<u64>,
 }
 
 impl ImageOptions {
@@ -145,6 +151,7 @@ impl ImageOptions {
             freeze: false,
             hold_frozen_file: None,
             adaptive: false,
+            dirty_map_memory_max: None,
         }
     }
 }
@@ -188,6 +195,10 @@ pub struct RunStats {
     pub catch_up: PassStats,
     pub events: EventStats,
     pub dirty_map_memory_bytes: u64,
+    /// `--dirty-map-memory`: the bound, and how often a region had to be
+    /// marked whole because the map had reached it.
+    pub dirty_map_memory_max_bytes: u64,
+    pub dirty_map_whole_region_marks: u64,
     pub image_bytes: u64,
     /// CPU time of the whole process (user + system), from getrusage.
     pub cpu_seconds: f64,
@@ -350,7 +361,10 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     }
     let engine = Engine::new(&device, options.engine)?;
     let block_bytes = DIRTY_BLOCK_BYTES.max(device.logical_block_bytes);
-    let dirty = DirtyMap::new(device.size_bytes, block_bytes);
+    let dirty = match options.dirty_map_memory_max {
+        None => DirtyMap::new(device.size_bytes, block_bytes),
+        Some(bytes_max) => DirtyMap::with_memory_limit(device.size_bytes, block_bytes, bytes_max),
+    };
 
     let banner = Banner {
         revision: REVISION_EXTENDED,
@@ -656,6 +670,8 @@ impl Run<'_> {
                 lost: self.lost.load(Ordering::SeqCst),
             },
             dirty_map_memory_bytes: self.dirty.memory_bytes(),
+            dirty_map_memory_max_bytes: self.dirty.memory_bytes_max(),
+            dirty_map_whole_region_marks: self.dirty.coarse_mark_count(),
             image_bytes: 0,
             cpu_seconds: cpu_seconds(),
             converged: verdict == Verdict::Converged,
@@ -1171,11 +1187,15 @@ pub fn print_summary(outcome: &Outcome) {
         stats.catch_up.latency_us
     );
     eprintln!(
-        "Summary: {} write events seen, {} lost ({}); dirty map {}",
+        "Summary: {} write events seen, {} lost ({}); dirty map {}{}",
         stats.events.writes_seen,
         stats.events.lost,
         stats.event_source,
-        Bytes(stats.dirty_map_memory_bytes)
+        Bytes(stats.dirty_map_memory_bytes),
+        match stats.dirty_map_whole_region_marks {
+            0 => String::new(),
+            marks => format!(" (at its bound: {marks} regions marked whole, re-read in full)"),
+        }
     );
     if let Some(seconds) = stats.freeze_seconds {
         eprintln!(

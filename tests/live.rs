@@ -96,12 +96,34 @@ fn image_under_writes(device: &Path, writers: Vec<(PathBuf, std::ops::Range<u64>
     image_under_writes_with(device, writers, seed, &[]);
 }
 
+/// A dirty map held below its need marks whole regions: it re-reads more
+/// and misses nothing.
+#[test]
+fn dirty_map_at_its_memory_bound_misses_nothing() {
+    let device = LoopDevice::new(96 << 20);
+    fill_device(&device.path, 9);
+    let size = device_size(&device.path);
+    // One byte: less than the map's fixed tables, so no leaf at all.
+    let stats = image_under_writes_with(
+        &device.path,
+        vec![(device.path.clone(), 0..size)],
+        test_seed(),
+        &["--dirty-map-memory", "1"],
+    );
+    let whole = stats["dirty_map_whole_region_marks"].as_u64().unwrap();
+    let reread = stats["catch_up"]["bytes"].as_u64().unwrap();
+    assert!(
+        whole > 0 && reread >= 16 << 20,
+        "{whole} whole-region marks, {reread} bytes re-read: {stats}"
+    );
+}
+
 fn image_under_writes_with(
     device: &Path,
     writers: Vec<(PathBuf, std::ops::Range<u64>)>,
     seed: u64,
     extra: &[&str],
-) {
+) -> serde_json::Value {
     let running: Vec<RandomWriter> = writers
         .iter()
         .enumerate()
@@ -139,6 +161,7 @@ fn image_under_writes_with(
             at / 4096
         );
     }
+    stats
 }
 
 #[test]
@@ -171,11 +194,22 @@ fn loop_under_writes_adaptive_and_idle_priority() {
     let device = LoopDevice::new(64 << 20);
     fill_device(&device.path, 8);
     let size = device_size(&device.path);
-    image_under_writes_with(
+    let stats = image_under_writes_with(
         &device.path,
         vec![(device.path.clone(), 0..size)],
         test_seed(),
         &["--adaptive", "--ioprio", "idle", "--max-rate", "200M"],
+    );
+    // Paced: one worker, one read in flight, 0.5 ms of 200 MB/s (64 KiB).
+    let engine = &stats["engine"];
+    assert_eq!(
+        (
+            &engine["threads"],
+            &engine["queue_depth"],
+            &engine["chunk_bytes"]
+        ),
+        (&1.into(), &1.into(), &(64 << 10).into()),
+        "{engine}"
     );
 }
 

@@ -37,7 +37,10 @@
 //! ([`DeviceKind`], measured in PERF.md): 2 reads of 1 MiB per worker on
 //! inline devices (zram); on queued devices (loop, NVMe) 1 MiB reads, as many
 //! per worker as share an in-flight budget of 16 MiB (at most 1/32 of RAM),
-//! 8 to 128 per worker: 8 with two workers.
+//! 8 to 128 per worker: 8 with two workers. Paced reads (a rate limit, or
+//! `paced` for `--adaptive`) default to one worker with one read in flight,
+//! sized by the rate ([`tune::paced_geometry`]), so that a live request
+//! never queues behind more than one of our reads.
 
 mod plan;
 mod pool;
@@ -100,6 +103,11 @@ pub struct EngineConfig {
     /// The I/O priority every read carries in its SQE (`--ioprio`), as
     /// `IOPRIO_PRIO_VALUE(class, level)`; 0 = the thread's own.
     pub ioprio: u16,
+    /// Reads will be paced while they run ([`Engine::set_rate_limit`], for
+    /// `--adaptive`) even if `max_rate_bytes_per_second` is 0. A paced
+    /// engine's defaults keep the device's queue short: see
+    /// [`tune::paced_geometry`].
+    pub paced: bool,
 }
 
 /// `IOPRIO_PRIO_VALUE`: an I/O priority class (1 realtime, 2 best-effort,
@@ -275,18 +283,29 @@ impl Engine {
         );
         let device_kind = DeviceKind::detect(&device.disk_name);
         let core_ids = core_affinity::get_core_ids().filter(|ids| !ids.is_empty());
-        let threads = match config.threads {
-            0 => core_ids.as_ref().map_or(1, Vec::len),
-            threads => threads,
+        let paced = (config.paced || config.max_rate_bytes_per_second > 0)
+            .then(|| tune::paced_geometry(device_kind, config.max_rate_bytes_per_second));
+        let threads = match (config.threads, paced) {
+            (0, Some(paced)) => paced.threads,
+            (0, None) => core_ids.as_ref().map_or(1, Vec::len),
+            (threads, _) => threads,
         };
         anyhow::ensure!(
             threads <= THREADS_MAX,
             "{threads} threads: at most {THREADS_MAX}"
         );
-        let chunk_bytes = resolve_chunk_bytes(config.chunk_bytes, device_kind, logical_block_bytes);
-        let queue_depth = match config.queue_depth {
-            0 => device_kind.queue_depth_default(threads, chunk_bytes),
-            queue_depth => queue_depth,
+        let chunk_bytes = resolve_chunk_bytes(
+            match (config.chunk_bytes, paced) {
+                (0, Some(paced)) => paced.chunk_bytes,
+                (chunk_bytes, _) => chunk_bytes,
+            },
+            device_kind,
+            logical_block_bytes,
+        );
+        let queue_depth = match (config.queue_depth, paced) {
+            (0, Some(paced)) => paced.queue_depth,
+            (0, None) => device_kind.queue_depth_default(threads, chunk_bytes),
+            (queue_depth, _) => queue_depth,
         };
         anyhow::ensure!(
             queue_depth <= QUEUE_DEPTH_MAX,

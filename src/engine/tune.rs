@@ -103,6 +103,55 @@ pub const IN_FLIGHT_BYTES_QUEUED_MAX: u64 = 16 << 20;
 /// pinned): 1/32, so a 4 GiB machine gives 128 MiB.
 pub const IN_FLIGHT_SHARE_OF_RAM_DIVISOR: u64 = 32;
 
+/// Threads, reads in flight and read size when the caller leaves them to
+/// the engine and reads are paced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacedGeometry {
+    pub threads: usize,
+    pub queue_depth: u32,
+    pub chunk_bytes: u32,
+}
+
+/// Paced reads exist to spare a live workload, and what a live request
+/// waits for is the bytes of ours queued ahead of it at the device, not
+/// the average rate: one worker keeps one read in flight, and on a queued
+/// device each read is about half a millisecond of the rate
+/// (`rate / 2048`, rounded down to a power of two, within
+/// [`PACED_CHUNK_BYTES_MIN`, `CHUNK_BYTES_QUEUED`]; [`PACED_CHUNK_BYTES_UNCAPPED`]
+/// when the rate is not known in advance, as under `--adaptive` alone).
+/// Measured with `hc-impact` on the direct-io loop device at
+/// `--max-rate 750M` (PERF.md): the default geometry (two workers, eight
+/// 1 MiB reads each) inflated the foreground's p99 15x; one 256 KiB read in
+/// flight, 1.6x, still reading at 700 MB/s. The cost: a paced run cannot
+/// go faster than the device serves one read at a time.
+pub fn paced_geometry(kind: DeviceKind, rate_bytes_per_second: u64) -> PacedGeometry {
+    let chunk_bytes = match kind {
+        DeviceKind::Inline => CHUNK_BYTES_INLINE,
+        DeviceKind::Queued if rate_bytes_per_second == 0 => PACED_CHUNK_BYTES_UNCAPPED,
+        DeviceKind::Queued => {
+            let half_ms_bytes = rate_bytes_per_second / 2048;
+            let floor_pow2 = match half_ms_bytes {
+                0 => 0,
+                bytes => 1u64 << bytes.ilog2(),
+            };
+            floor_pow2.clamp(
+                u64::from(PACED_CHUNK_BYTES_MIN),
+                u64::from(CHUNK_BYTES_QUEUED),
+            ) as u32
+        }
+    };
+    PacedGeometry {
+        threads: 1,
+        queue_depth: 1,
+        chunk_bytes,
+    }
+}
+
+/// Smallest paced read: below this, per-read costs dominate.
+pub const PACED_CHUNK_BYTES_MIN: u32 = 64 << 10;
+/// Paced read size when the rate is not known in advance.
+pub const PACED_CHUNK_BYTES_UNCAPPED: u32 = 256 << 10;
+
 /// The in-flight budget for queued devices on this machine.
 pub fn in_flight_bytes_budget() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -143,6 +192,23 @@ mod tests {
         assert_eq!(
             DeviceKind::from_sysfs(&dir.path().join("nope")),
             DeviceKind::Queued
+        );
+    }
+
+    #[test]
+    fn paced_reads_are_one_at_a_time_and_sized_by_the_rate() {
+        let kib = 1 << 10;
+        let chunk = |rate: u64| paced_geometry(DeviceKind::Queued, rate).chunk_bytes;
+        assert_eq!(chunk(750_000_000), 256 * kib, "750 MB/s: 366 KB per 0.5 ms");
+        assert_eq!(chunk(200_000_000), 64 * kib);
+        assert_eq!(chunk(1), PACED_CHUNK_BYTES_MIN);
+        assert_eq!(chunk(u64::MAX), CHUNK_BYTES_QUEUED);
+        assert_eq!(chunk(0), PACED_CHUNK_BYTES_UNCAPPED, "adaptive alone");
+        let geometry = paced_geometry(DeviceKind::Queued, 750_000_000);
+        assert_eq!((geometry.threads, geometry.queue_depth), (1, 1));
+        assert_eq!(
+            paced_geometry(DeviceKind::Inline, 750_000_000).chunk_bytes,
+            CHUNK_BYTES_INLINE
         );
     }
 
