@@ -12,6 +12,7 @@ fn tool(name: &str) -> Command {
         "sector-sprinkler" => env!("CARGO_BIN_EXE_sector-sprinkler"),
         "hc-writer" => env!("CARGO_BIN_EXE_hc-writer"),
         "hc-compare" => env!("CARGO_BIN_EXE_hc-compare"),
+        "hc-impact" => env!("CARGO_BIN_EXE_hc-impact"),
         other => panic!("no tool {other}"),
     })
 }
@@ -213,4 +214,74 @@ fn hc_slowdisk_delays_writes_and_fails_chosen_ranges() {
     let error = file.write_all_at(block.as_mut(), 4 << 20).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
     file.read_exact_at(block.as_mut(), 5 << 20).unwrap();
+}
+
+/// hc-impact, as documented, on a small scratch device: both columns, the
+/// imaging figures, the scheduler it was asked for, and no device left.
+#[test]
+fn hc_impact_prints_both_columns_and_removes_its_device() {
+    let mut cmd = tool("hc-impact");
+    cmd.args([
+        "--scratch",
+        "64M",
+        "--seconds",
+        "0.5",
+        "--runs",
+        "1",
+        "--rate",
+        "500",
+        "--scheduler",
+        "mq-deadline",
+        "--json",
+        "--",
+        "--max-rate",
+        "200M",
+    ]);
+    let result = run(cmd, None);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&result.stdout)));
+    for column in ["alone", "with_imaging"] {
+        let iops = report[column]["iops"].as_f64().unwrap();
+        let p99 = report[column]["p99_us"].as_f64().unwrap();
+        let max = report[column]["max_us"].as_f64().unwrap();
+        assert!(
+            iops > 400.0 && p99 > 0.0 && max >= p99,
+            "{column}: {report}"
+        );
+    }
+    let imaging = &report["imaging"];
+    assert!(
+        imaging["main_pass_bytes_per_second"].as_f64().unwrap() > 0.0
+            && imaging["main_pass_seconds"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(report["scheduler"], "mq-deadline", "{report}");
+    assert_eq!(
+        report["image_args"],
+        serde_json::json!(["--max-rate", "200M"])
+    );
+    let device = report["device"].as_str().unwrap();
+    let name = device.trim_start_matches("/dev/");
+    let backing =
+        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap_or_default();
+    assert!(
+        !backing.contains("hc-impact-"),
+        "{device} still attached to {backing}"
+    );
+}
+
+#[test]
+fn hc_impact_will_not_write_to_a_named_device_unasked() {
+    let device = LoopDevice::new(4 << 20);
+    let mut cmd = tool("hc-impact");
+    cmd.arg(&device.path)
+        .args(["--seconds", "0.1", "--runs", "1"]);
+    let result = run(cmd, None);
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("--allow-writes"),
+        "{}",
+        stderr(&result)
+    );
 }

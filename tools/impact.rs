@@ -41,6 +41,11 @@ struct Args {
     /// Size of the scratch loop device made when no DEVICE is given.
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     scratch: u64,
+    /// I/O scheduler for the scratch loop device (none, mq-deadline, bfq,
+    /// kyber); loop devices start with none, under which --ioprio has no
+    /// effect.
+    #[arg(long, value_name = "NAME")]
+    scheduler: Option<String>,
     /// Foreground requests per second.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
@@ -95,6 +100,7 @@ struct Report {
     seconds: f64,
     runs: u32,
     image_args: Vec<String>,
+    scheduler: String,
     alone: Foreground,
     with_imaging: Foreground,
     imaging: Imaging,
@@ -119,6 +125,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let scratch;
     let device = match &args.device {
         Some(device) => {
+            if args.scheduler.is_some() {
+                bail!(
+                    "--scheduler is for the scratch device only; set {}'s yourself",
+                    device.display()
+                );
+            }
             if args.read_percent < 100 && !args.allow_writes {
                 bail!(
                     "the workload writes random data over {}; pass --allow-writes, or --read-percent 100",
@@ -129,6 +141,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         None => {
             scratch = Scratch::new(args.scratch, args.seed)?;
+            if let Some(name) = &args.scheduler {
+                scratch.set_scheduler(name)?;
+            }
             scratch.device.clone()
         }
     };
@@ -150,6 +165,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     let alone = median_foreground(&alone);
     let with_imaging = median_foreground(&with);
+    let scheduler = scheduler_of(&device);
     let report = Report {
         device,
         rate: args.rate,
@@ -157,6 +173,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         seconds: args.seconds,
         runs: args.runs,
         image_args: args.image_args.clone(),
+        scheduler,
         p99_inflation: with_imaging.p99_us / alone.p99_us.max(1.0),
         alone,
         with_imaging,
@@ -302,8 +319,9 @@ fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{}: {} req/s of 4 KiB ({}% reads), {} s, median of {} runs{}",
+        "{} (scheduler {}): {} req/s of 4 KiB ({}% reads), {} s, median of {} runs{}",
         r.device.display(),
+        r.scheduler,
         r.rate,
         r.read_percent,
         r.seconds,
@@ -381,6 +399,37 @@ impl Scratch {
         );
         Ok(Scratch { device, _dir: dir })
     }
+}
+
+impl Scratch {
+    fn set_scheduler(&self, name: &str) -> anyhow::Result<()> {
+        let path = scheduler_path(&self.device)?;
+        fs::write(&path, name)
+            .with_context(|| format!("cannot set the scheduler {name} in {}", path.display()))
+    }
+}
+
+fn scheduler_path(device: &Path) -> anyhow::Result<PathBuf> {
+    let name = device
+        .file_name()
+        .context("device path has no name")?
+        .to_string_lossy()
+        .into_owned();
+    Ok(Path::new("/sys/block").join(name).join("queue/scheduler"))
+}
+
+/// The scheduler in use, the bracketed name of `queue/scheduler`
+/// ("?" where it cannot be read, e.g. a partition).
+fn scheduler_of(device: &Path) -> String {
+    scheduler_path(device)
+        .ok()
+        .and_then(|path| fs::read_to_string(path).ok())
+        .and_then(|text| {
+            let open = text.find('[')?;
+            let close = text[open..].find(']')? + open;
+            Some(text[open + 1..close].to_string())
+        })
+        .unwrap_or_else(|| "?".to_string())
 }
 
 impl Drop for Scratch {
