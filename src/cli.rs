@@ -140,7 +140,7 @@ pub struct ImageArgs {
     #[arg(long)]
     pub adaptive: bool,
     /// Memory the dirty map may take at most, e.g. 4M; 0 = as much as it
-    /// needs (at most 32.3 MiB per TiB of device, taken as regions are
+    /// needs (at most 34.5 MiB per TiB of device, taken as regions are
     /// written). Once the bound is reached, a write to a region not written
     /// before (16 MiB at 4 KiB blocks) marks the whole region: nothing is
     /// missed, the catch-up re-reads more.

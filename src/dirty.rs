@@ -4,8 +4,8 @@
 //! ([`DirtyMap::mark_sectors`]); the catch-up takes the marked blocks as byte
 //! extents and clears them in the same atomic step ([`DirtyMap::take_into`],
 //! [`DirtyMap::take_bounded`]), reads them, and repeats until a take finds
-//! nothing. Marking is wait-free and never calls the allocator; taking is
-//! lock-free and may run while producers keep marking.
+//! nothing. Marking and taking are lock-free and never call the allocator;
+//! a take may run while producers keep marking.
 //!
 //! # Block size
 //!
@@ -26,9 +26,10 @@
 //! 4 KiB (the default) is the page size and the physical sector of modern
 //! devices, and filesystems write whole 4 KiB blocks, so in practice only rare
 //! sub-4 KiB writes are amplified. The layout below keeps 4 KiB blocks and
-//! still pays memory only where writes land.
+//! still pays memory only where writes land: about 8 bytes per isolated
+//! dirty block, 1 bit per block where they are dense.
 //!
-//! # Layout: lazily claimed leaves from a pool reserved at start
+//! # Layout: lazily claimed leaves from pools reserved at start
 //!
 //! The bitmap is cut into *leaves* of [`LEAF_WORD_COUNT`] `AtomicU64` words
 //! ([`LEAF_BLOCK_COUNT`] = 4096 blocks, 512 bytes; 16 MiB of device at 4 KiB
@@ -39,9 +40,21 @@
 //! - a *summary* bit: "this leaf may hold dirty bits". A take visits only leaves
 //!   whose summary bit is set, so taking from a clean 1 TiB map reads 8 KiB;
 //! - a *coarse* bit: "the whole leaf is dirty", the fallback when the pool is
-//!   used up (see below).
+//!   used up (see below);
+//! - a sparse slot (`AtomicU32`, 4 bytes): 0, or the index + 1 of a *sparse
+//!   leaf* from a second pool.
 //!
-//! Leaves themselves come from one zero-filled pool reserved in `new`. The
+//! A sparse leaf is [`SPARSE_WORD_COUNT`] words (32 bytes) of four 16-bit
+//! lanes each: a lane is 0 or a block's offset in its leaf plus one. A mark of
+//! one or two blocks ([`SPARSE_MARK_BLOCKS_MAX`]) in a leaf that has no
+//! bitmap leaf yet goes to the leaf's sparse leaf, a lane per block (a block
+//! already in a lane takes none); when all 16 lanes hold other blocks, or the
+//! mark is larger, it goes to the bitmap leaf, which from then on takes every
+//! mark of that leaf. A take reads both and reports their union. Scattered
+//! single-block writes (a database, a journal, a random-write benchmark) thus
+//! cost 32 bytes per 16 MiB region written instead of 512.
+//!
+//! Bitmap leaves come from one zero-filled pool reserved in `new`. The
 //! first mark of a leaf claims the next pool leaf with one `fetch_add` and
 //! publishes it with one `compare_exchange` on the slot; a producer that loses
 //! that race puts its untouched (still zero) leaf into a small spare list for
@@ -52,33 +65,31 @@
 //! The pool is requested zero-filled (`calloc`), so on Linux it is fresh
 //! anonymous memory whose pages are committed only when first written, and
 //! leaves are claimed in order: resident memory follows the leaves claimed,
-//! rounded up to 4 KiB pages. [`DirtyMap::memory_bytes`] reports the fixed
-//! tables plus claimed leaves; [`DirtyMap::memory_bytes_max`] the bound.
+//! rounded up to 4 KiB pages. The sparse pool works the same way, except that
+//! a sparse leaf claimed by a producer that lost the install race is not
+//! reused (32 bytes, and marks are serialised by the caller in practice).
+//! [`DirtyMap::memory_bytes`] reports the fixed tables plus claimed leaves;
+//! [`DirtyMap::memory_bytes_max`] the bound.
 //!
 //! ## Memory per TiB at 4 KiB blocks
 //!
-//! Fixed: slots 256 KiB + summary 8 KiB + coarse 8 KiB = 272 KiB. Leaves:
-//! 512 bytes per leaf ever written. Upper bound (every leaf written): 32.27 MiB,
-//! 0.8 % above the flat bitmap. With 4 KiB-aligned writes of 4 KiB to 1 MiB at
-//! random offsets until that share of blocks is dirty (the `dirty_map` bench's
-//! model; a filesystem's writes are more clustered than this), measured with
-//! `memory_bytes`:
-//!
-//! | dirty  | writes  | flat bitmap | this map  |
-//! |--------|---------|-------------|-----------|
-//! | 0.1 %  | 2 304   | 32 MiB      | 1.40 MiB  |
-//! | 1 %    | 21 248  | 32 MiB      | 9.31 MiB  |
-//! | 10 %   | 220 160 | 32 MiB      | 31.28 MiB |
-//!
-//! What no bitmap can do: 0.1 % of a TiB dirtied as *uniformly scattered*
-//! single 4 KiB blocks (268 000 writes) touches 98 % of the leaves and costs
-//! about 32 MiB. [`DirtyMap::with_memory_limit`] bounds that case instead.
+//! Fixed: slots 256 KiB + sparse slots 256 KiB + summary 8 KiB + coarse
+//! 8 KiB = 528 KiB. Leaves: 512 bytes per leaf whose marks outgrew its sparse
+//! leaf, 32 bytes per leaf ever written. Upper bound (every leaf written
+//! densely): 34.5 MiB, 8 % above the flat bitmap. Measured by a real run on a
+//! 1 TiB sparse loop device (`tools/perf/dirtymap.sh`, PERF.md) and by the
+//! `dirty_map` bench; at 0.1 % dirty as uniformly scattered single 4 KiB
+//! blocks (268 000 writes, the worst case for any bitmap: they touch 98 % of
+//! the leaves) the map takes about 2.5 MiB, where leaves alone would take
+//! 32 MiB. [`DirtyMap::with_memory_limit`] bounds memory harder still.
 //!
 //! ## A hard memory bound: [`DirtyMap::with_memory_limit`]
 //!
 //! A caller that must bound memory below that (a huge device, a small machine)
-//! sizes the pool from a budget. When the pool is used up, a first mark of a
-//! leaf sets the leaf's coarse bit instead, and the next take yields the whole
+//! sizes the pools from a budget: what is left after the fixed tables goes to
+//! sparse leaves first (up to one per leaf), the rest to bitmap leaves. When a
+//! mark finds no room (no sparse leaf or lane, and the bitmap pool used up) it
+//! sets the leaf's coarse bit instead, and the next take yields the whole
 //! leaf (16 MiB at 4 KiB blocks). That re-reads more than was written, which is
 //! always safe; it never misses a write. `new` sizes the pool for every leaf, so
 //! it never coarsens (unless producers lose install races while all
@@ -88,12 +99,17 @@
 //! # Why a take loses nothing
 //!
 //! Producer, per leaf: (P1) `fetch_or` the block bits into the leaf words, or
-//! `fetch_or` the coarse bit; (P2) set the summary bit. P2 is a `fetch_or`,
-//! skipped when a load shows the bit already set, except after installing a
-//! leaf or setting a coarse bit, when it is always a `fetch_or`.
+//! put each block into a sparse lane with a successful `compare_exchange` on
+//! the lane's word (one that leaves the word as it was if a lane already
+//! holds the block: still a read-modify-write), or `fetch_or` the coarse bit;
+//! (P2) set the summary bit. P2 is a `fetch_or`, skipped when a load shows
+//! the bit already set, except after installing a leaf (of either kind) or
+//! setting a coarse bit, when it is always a `fetch_or`.
 //! Taker, per leaf: (T1) clear the summary bit with `fetch_and`, and only if it
-//! was set: (T2) clear the coarse bit, read the slot and `swap(0)` every word of
-//! the leaf. All read-modify-writes are `AcqRel`, loads `Acquire`.
+//! was set: (T2) clear the coarse bit, read both slots and `swap(0)` every word
+//! of both leaves. All read-modify-writes are `AcqRel`, loads `Acquire`. Every
+//! P1 is a read-modify-write of one word that T2 swaps, which is all the
+//! argument below uses.
 //!
 //! A bit set by P1 is either taken by some T2 (which then reports it) or still
 //! set after every T2 so far; it is lost only if its summary bit is clear while
@@ -141,11 +157,23 @@ const LEAVES_PER_SUMMARY_WORD: usize = u64::BITS as usize;
 /// Spare slots holding pool leaves claimed by producers that lost an install
 /// race; bounds how many such leaves can be in flight before one leaks.
 pub const SPARE_SLOT_COUNT: usize = 8;
+/// Words in one sparse leaf: 32 bytes, 16 lanes of 16 bits, each lane 0
+/// (empty) or a block's offset in its leaf plus one.
+pub const SPARSE_WORD_COUNT: usize = 4;
+/// Bytes of memory one sparse leaf takes.
+pub const SPARSE_BYTES: u64 = SPARSE_WORD_COUNT as u64 * 8;
+const SPARSE_LANE_BITS: u64 = 16;
+const SPARSE_LANES_PER_WORD: u64 = WORD_BITS / SPARSE_LANE_BITS;
+const SPARSE_LANE_MASK: u64 = (1 << SPARSE_LANE_BITS) - 1;
+/// A mark of at most this many blocks of a leaf that has no bitmap leaf yet
+/// goes to its sparse leaf (one lane a block); larger marks go to the bitmap.
+pub const SPARSE_MARK_BLOCKS_MAX: u64 = 2;
 
 const _: () = assert!(BLOCK_BYTES_MIN as u64 == SECTOR_BYTES);
 const _: () = assert!(LEAF_BLOCK_COUNT.is_power_of_two());
 const _: () = assert!(LEAF_BYTES == LEAF_BLOCK_COUNT / 8);
 const _: () = assert!(LEAVES_PER_SUMMARY_WORD as u64 == WORD_BITS);
+const _: () = assert!(LEAF_BLOCK_COUNT < SPARSE_LANE_MASK);
 
 /// A byte range of the device, as the catch-up reads it: `offset_bytes` is a
 /// multiple of the map's block size; `len_bytes` is too, except for an extent
@@ -206,6 +234,14 @@ pub struct DirtyMap {
     pool_claimed_count: AtomicUsize,
     /// 0 = empty, else pool leaf index + 1 of a zero leaf nobody uses.
     spare_leaves: [AtomicU32; SPARE_SLOT_COUNT],
+    /// Per leaf: 0 = no sparse leaf, else sparse pool index + 1.
+    sparse_slots: Box<[AtomicU32]>,
+    /// `sparse_leaf_count` sparse leaves of `SPARSE_WORD_COUNT` words.
+    sparse_words: Box<[AtomicU64]>,
+    sparse_leaf_count: usize,
+    /// Sparse leaves handed out so far (a leaf claimed by a producer that
+    /// lost the install race is not reused; it stays counted).
+    sparse_claimed_count: AtomicUsize,
     /// Coarse bits set from clear (statistics only).
     coarse_mark_count: AtomicU64,
 }
@@ -225,7 +261,7 @@ impl fmt::Debug for DirtyMap {
 impl DirtyMap {
     /// A map of `device_bytes` at `block_bytes` granularity whose leaf pool
     /// covers every leaf: it never over-reports, and its memory bound is
-    /// [`memory_bytes_max`](Self::memory_bytes_max) (32.27 MiB per TiB at
+    /// [`memory_bytes_max`](Self::memory_bytes_max) (34.5 MiB per TiB at
     /// 4 KiB blocks), committed only as leaves are written.
     ///
     /// # Panics
@@ -267,11 +303,19 @@ impl DirtyMap {
         let leaf_count = usize::try_from(leaf_count_u64).expect("leaf count fits usize");
         let summary_word_count = leaf_count.div_ceil(LEAVES_PER_SUMMARY_WORD);
         let fixed_bytes = fixed_bytes_for(leaf_count, summary_word_count);
-        let pool_leaf_count = match memory_bytes_max {
-            None => leaf_count,
+        // Under a budget the sparse pool comes first (it is 1/16 of the
+        // bitmap pool and holds scattered blocks 16x more densely), the
+        // bitmap pool gets the rest.
+        let (sparse_leaf_count, pool_leaf_count) = match memory_bytes_max {
+            None => (leaf_count, leaf_count),
             Some(bytes_max) => {
-                let leaves_affordable = bytes_max.saturating_sub(fixed_bytes) / LEAF_BYTES;
-                leaf_count.min(usize::try_from(leaves_affordable).unwrap_or(usize::MAX))
+                let affordable = |bytes: u64, leaf_bytes: u64| {
+                    leaf_count.min(usize::try_from(bytes / leaf_bytes).unwrap_or(usize::MAX))
+                };
+                let rest = bytes_max.saturating_sub(fixed_bytes);
+                let sparse_leaf_count = affordable(rest, SPARSE_BYTES);
+                let rest = rest - sparse_leaf_count as u64 * SPARSE_BYTES;
+                (sparse_leaf_count, affordable(rest, LEAF_BYTES))
             }
         };
         let pool_word_count = pool_leaf_count
@@ -291,6 +335,14 @@ impl DirtyMap {
             pool_leaf_count,
             pool_claimed_count: AtomicUsize::new(0),
             spare_leaves: std::array::from_fn(|_| AtomicU32::new(0)),
+            sparse_slots: zeroed_u32s(leaf_count),
+            sparse_words: zeroed_u64s(
+                sparse_leaf_count
+                    .checked_mul(SPARSE_WORD_COUNT)
+                    .expect("dirty map sparse pool size fits usize"),
+            ),
+            sparse_leaf_count,
+            sparse_claimed_count: AtomicUsize::new(0),
             coarse_mark_count: AtomicU64::new(0),
         }
     }
@@ -308,14 +360,25 @@ impl DirtyMap {
         self.block_count
     }
 
-    /// Bytes in use now: the fixed tables plus every pool leaf claimed so far.
+    /// Bytes in use now: the fixed tables plus every pool leaf (bitmap and
+    /// sparse) claimed so far.
     pub fn memory_bytes(&self) -> u64 {
-        self.fixed_bytes() + self.leaves_claimed() as u64 * LEAF_BYTES
+        self.fixed_bytes()
+            + self.leaves_claimed() as u64 * LEAF_BYTES
+            + self.sparse_leaves_claimed() as u64 * SPARSE_BYTES
     }
 
-    /// The most this map will ever use: the fixed tables plus the whole pool.
+    /// The most this map will ever use: the fixed tables plus both pools.
     pub fn memory_bytes_max(&self) -> u64 {
-        self.fixed_bytes() + self.pool_leaf_count as u64 * LEAF_BYTES
+        self.fixed_bytes()
+            + self.pool_leaf_count as u64 * LEAF_BYTES
+            + self.sparse_leaf_count as u64 * SPARSE_BYTES
+    }
+
+    fn sparse_leaves_claimed(&self) -> usize {
+        self.sparse_claimed_count
+            .load(Ordering::Relaxed)
+            .min(self.sparse_leaf_count)
     }
 
     fn fixed_bytes(&self) -> u64 {
@@ -342,8 +405,10 @@ impl DirtyMap {
     /// non-zero count means the event does not belong to this device's range,
     /// e.g. a partition offset was not applied). An empty range marks nothing.
     ///
-    /// Wait-free; never allocates. The first mark of a leaf claims a pool
-    /// leaf (one `fetch_add`, one `compare_exchange`).
+    /// Lock-free; never allocates. The first mark of a leaf claims a pool
+    /// leaf (one `fetch_add`, one `compare_exchange`); a mark of one or two
+    /// blocks takes a lane of a sparse leaf with a `compare_exchange` loop
+    /// (which retries only when another thread changed the same word).
     pub fn mark_sectors(&self, sector_first: u64, sector_count: u64) -> u64 {
         let sector_end = sector_first.saturating_add(sector_count);
         let in_first = sector_first.min(self.device_sector_count);
@@ -364,23 +429,29 @@ impl DirtyMap {
             let leaf_index = (block / LEAF_BLOCK_COUNT) as usize;
             let leaf_block_first = leaf_index as u64 * LEAF_BLOCK_COUNT;
             let leaf_block_end = (leaf_block_first + LEAF_BLOCK_COUNT).min(block_end);
-            let summary_forced = match self.leaf_for_mark(leaf_index) {
-                LeafForMark::Words { words, installed } => {
-                    mark_in_leaf(
-                        words,
-                        block - leaf_block_first,
-                        leaf_block_end - leaf_block_first,
-                    );
-                    installed
-                }
-                LeafForMark::PoolExhausted => {
-                    let (word, bit) = leaf_bit(&self.leaf_coarse, leaf_index);
-                    if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
-                        self.coarse_mark_count.fetch_add(1, Ordering::Relaxed);
+            let (first, end) = (block - leaf_block_first, leaf_block_end - leaf_block_first);
+            let mut summary_forced = false;
+            let mut placed = false;
+            if end - first <= SPARSE_MARK_BLOCKS_MAX
+                && self.leaf_slots[leaf_index].load(Ordering::Acquire) == 0
+            {
+                (placed, summary_forced) = self.mark_sparse(leaf_index, first, end);
+            }
+            if !placed {
+                summary_forced |= match self.leaf_for_mark(leaf_index) {
+                    LeafForMark::Words { words, installed } => {
+                        mark_in_leaf(words, first, end);
+                        installed
                     }
-                    true
-                }
-            };
+                    LeafForMark::PoolExhausted => {
+                        let (word, bit) = leaf_bit(&self.leaf_coarse, leaf_index);
+                        if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                            self.coarse_mark_count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        true
+                    }
+                };
+            }
             // P2 (module docs): after the bits, never before.
             let (summary, bit) = leaf_bit(&self.leaf_summary, leaf_index);
             if summary_forced || summary.load(Ordering::Acquire) & bit == 0 {
@@ -388,6 +459,39 @@ impl DirtyMap {
             }
             block = leaf_block_end;
         }
+    }
+
+    /// Puts leaf-relative blocks `[first, end)` into the leaf's sparse leaf,
+    /// installing one if needed. Returns (every block placed, a sparse leaf
+    /// was installed). Blocks placed before a full leaf stopped it stay
+    /// placed; the caller marks the whole range in the bitmap too.
+    fn mark_sparse(&self, leaf_index: usize, first: u64, end: u64) -> (bool, bool) {
+        let slot = &self.sparse_slots[leaf_index];
+        let mut slot_value = slot.load(Ordering::Acquire);
+        let mut installed = false;
+        if slot_value == 0 {
+            if self.sparse_claimed_count.load(Ordering::Relaxed) >= self.sparse_leaf_count {
+                return (false, false);
+            }
+            let sparse_index = self.sparse_claimed_count.fetch_add(1, Ordering::Relaxed);
+            if sparse_index >= self.sparse_leaf_count {
+                return (false, false);
+            }
+            // < sparse_leaf_count <= leaf_count < u32::MAX, checked in `new`.
+            let claimed = sparse_index as u32 + 1;
+            match slot.compare_exchange(0, claimed, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    slot_value = claimed;
+                    installed = true;
+                }
+                // The claimed leaf stays unused (and counted): races are rare.
+                Err(winner) => slot_value = winner,
+            }
+        }
+        let word_first = (slot_value as usize - 1) * SPARSE_WORD_COUNT;
+        let words = &self.sparse_words[word_first..word_first + SPARSE_WORD_COUNT];
+        let placed = (first..end).all(|offset| insert_lane(words, offset + 1));
+        (placed, installed)
     }
 
     /// The leaf's words, installing a pool leaf on its first mark.
@@ -529,19 +633,47 @@ impl DirtyMap {
         let (coarse, bit) = leaf_bit(&self.leaf_coarse, leaf_index);
         let whole_leaf = coarse.load(Ordering::Acquire) & bit != 0
             && coarse.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-        let slot_value = self.leaf_slots[leaf_index].load(Ordering::Acquire);
-        if slot_value != 0 {
-            for (word_index, word) in self.pool_leaf(slot_value).iter().enumerate() {
-                let bits = word.swap(0, Ordering::AcqRel);
-                if !whole_leaf {
-                    sink.push_word(leaf_block_first + word_index as u64 * WORD_BITS, bits);
-                }
+        let bits = self.leaf_bits(leaf_index, |word| word.swap(0, Ordering::AcqRel));
+        if !whole_leaf {
+            for (word_index, &word_bits) in bits.iter().enumerate() {
+                sink.push_word(leaf_block_first + word_index as u64 * WORD_BITS, word_bits);
             }
         }
         if whole_leaf {
             let leaf_block_end = (leaf_block_first + LEAF_BLOCK_COUNT).min(self.block_count);
             sink.push_run(leaf_block_first, leaf_block_end);
         }
+    }
+
+    /// The leaf's blocks as one bitmap: its bitmap leaf's words and its
+    /// sparse leaf's lanes, each word read (or taken) with `read`.
+    fn leaf_bits(
+        &self,
+        leaf_index: usize,
+        read: impl Fn(&AtomicU64) -> u64,
+    ) -> [u64; LEAF_WORD_COUNT] {
+        let mut bits = [0u64; LEAF_WORD_COUNT];
+        let slot_value = self.leaf_slots[leaf_index].load(Ordering::Acquire);
+        if slot_value != 0 {
+            for (bits_word, word) in bits.iter_mut().zip(self.pool_leaf(slot_value)) {
+                *bits_word = read(word);
+            }
+        }
+        let sparse_value = self.sparse_slots[leaf_index].load(Ordering::Acquire);
+        if sparse_value != 0 {
+            let word_first = (sparse_value as usize - 1) * SPARSE_WORD_COUNT;
+            for word in &self.sparse_words[word_first..word_first + SPARSE_WORD_COUNT] {
+                let lanes = read(word);
+                for lane in 0..SPARSE_LANES_PER_WORD {
+                    let lane_value = (lanes >> (lane * SPARSE_LANE_BITS)) & SPARSE_LANE_MASK;
+                    if lane_value != 0 {
+                        let offset = lane_value - 1;
+                        bits[(offset / WORD_BITS) as usize] |= 1 << (offset % WORD_BITS);
+                    }
+                }
+            }
+        }
+        bits
     }
 
     /// How many extents one leaf can add to a take at this `extent_bytes_max`:
@@ -598,14 +730,10 @@ impl DirtyMap {
                 let leaf_block_count = if coarse.load(Ordering::Acquire) & coarse_bit != 0 {
                     (leaf_block_first + LEAF_BLOCK_COUNT).min(self.block_count) - leaf_block_first
                 } else {
-                    match self.leaf_slots[leaf_index].load(Ordering::Acquire) {
-                        0 => 0,
-                        slot_value => self
-                            .pool_leaf(slot_value)
-                            .iter()
-                            .map(|word| u64::from(word.load(Ordering::Relaxed).count_ones()))
-                            .sum(),
-                    }
+                    self.leaf_bits(leaf_index, |word| word.load(Ordering::Relaxed))
+                        .iter()
+                        .map(|word| u64::from(word.count_ones()))
+                        .sum()
                 };
                 if !visit(leaf_block_count) {
                     return;
@@ -646,7 +774,8 @@ pub fn merge_small_gaps(extents: &mut Vec<Extent>, gap_bytes_max: u64) {
 }
 
 fn fixed_bytes_for(leaf_count: usize, summary_word_count: usize) -> u64 {
-    (leaf_count * size_of::<AtomicU32>() + 2 * summary_word_count * size_of::<AtomicU64>()) as u64
+    (2 * leaf_count * size_of::<AtomicU32>() + 2 * summary_word_count * size_of::<AtomicU64>())
+        as u64
 }
 
 /// The word and bit of `leaf_index` in a one-bit-per-leaf table.
@@ -655,6 +784,41 @@ fn leaf_bit(table: &[AtomicU64], leaf_index: usize) -> (&AtomicU64, u64) {
         &table[leaf_index / LEAVES_PER_SUMMARY_WORD],
         1 << (leaf_index % LEAVES_PER_SUMMARY_WORD),
     )
+}
+
+/// Puts `lane_value` (a leaf-relative block + 1) into a lane of a sparse
+/// leaf: P1 (module docs) is the successful `compare_exchange`, which leaves
+/// the word unchanged when a lane already holds the block (still a
+/// read-modify-write, so the ordering argument holds). False if every lane
+/// is taken by other blocks.
+fn insert_lane(words: &[AtomicU64], lane_value: u64) -> bool {
+    for word in words {
+        let mut current = word.load(Ordering::Acquire);
+        loop {
+            let mut empty_lane = None;
+            let mut present = false;
+            for lane in 0..SPARSE_LANES_PER_WORD {
+                let value = (current >> (lane * SPARSE_LANE_BITS)) & SPARSE_LANE_MASK;
+                if value == lane_value {
+                    present = true;
+                    break;
+                }
+                if value == 0 && empty_lane.is_none() {
+                    empty_lane = Some(lane);
+                }
+            }
+            let new = match (present, empty_lane) {
+                (true, _) => current,
+                (false, Some(lane)) => current | lane_value << (lane * SPARSE_LANE_BITS),
+                (false, None) => break,
+            };
+            match word.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+    false
 }
 
 /// Sets blocks `[block_first, block_end)` of a leaf (leaf-relative).
@@ -1070,16 +1234,76 @@ mod tests {
     #[test]
     fn memory_follows_the_leaves_written() {
         let map = DirtyMap::new(TIB, 4096);
-        let fixed_bytes = 272 * KIB; // documented in the module docs
+        let fixed_bytes = 528 * KIB; // documented in the module docs
         assert_eq!(map.memory_bytes(), fixed_bytes);
-        assert_eq!(map.memory_bytes_max(), fixed_bytes + 32 * MIB);
+        assert_eq!(map.memory_bytes_max(), fixed_bytes + 32 * MIB + 2 * MIB);
+        // Single blocks go to one sparse leaf per leaf...
         map.mark_sectors(0, 1);
         map.mark_sectors(8 * (LEAF_BLOCK_COUNT - 1), 8); // the same leaf
-        assert_eq!(map.memory_bytes(), fixed_bytes + LEAF_BYTES);
+        assert_eq!(map.memory_bytes(), fixed_bytes + SPARSE_BYTES);
+        // ... larger marks to a bitmap leaf.
+        map.mark_sectors(8 * 100, 8 * 3);
+        assert_eq!(map.memory_bytes(), fixed_bytes + SPARSE_BYTES + LEAF_BYTES);
         map.mark_sectors(TIB / 512 - 1, 1); // the last leaf
-        assert_eq!(map.memory_bytes(), fixed_bytes + 2 * LEAF_BYTES);
-        take_all(&map, MIB);
-        assert_eq!(map.memory_bytes(), fixed_bytes + 2 * LEAF_BYTES);
+        assert_eq!(
+            map.memory_bytes(),
+            fixed_bytes + 2 * SPARSE_BYTES + LEAF_BYTES
+        );
+        assert_eq!(
+            take_all(&map, MIB),
+            [
+                extent(0, 4096),
+                extent(100 * 4096, 3 * 4096),
+                extent((LEAF_BLOCK_COUNT - 1) * 4096, 4096),
+                extent(TIB - 4096, 4096),
+            ]
+        );
+        assert_eq!(
+            map.memory_bytes(),
+            fixed_bytes + 2 * SPARSE_BYTES + LEAF_BYTES
+        );
+    }
+
+    /// The case no bitmap can serve: 0.1 % of a TiB as scattered single
+    /// 4 KiB blocks. Sparse leaves hold it in under 4 MiB, exactly.
+    #[test]
+    fn scattered_single_blocks_fit_in_sparse_leaves() {
+        let map = DirtyMap::new(TIB, 4096);
+        let block_count = TIB / 4096;
+        let mut rng = Rng(7);
+        let mut marked = BTreeSet::new();
+        while (marked.len() as u64) < block_count / 1000 {
+            let block = rng.next() % block_count;
+            map.mark_sectors(block * 8, 8);
+            marked.insert(block);
+        }
+        assert!(map.memory_bytes() <= 4 * MIB, "{}", map.memory_bytes());
+        assert_eq!(map.count_dirty_blocks(), marked.len() as u64);
+        let taken = take_all(&map, u64::MAX);
+        assert_eq!(blocks_of(&map, &taken), marked);
+        assert!(map.is_empty());
+    }
+
+    /// A sparse leaf holds 16 blocks; the 17th goes to a bitmap leaf, and
+    /// a take returns the union.
+    #[test]
+    fn a_full_sparse_leaf_spills_into_the_bitmap() {
+        let map = DirtyMap::new(64 * MIB, 4096);
+        let blocks: Vec<u64> = (0..40).map(|i| i * 97).collect();
+        for &block in &blocks {
+            map.mark_sectors(block * 8, 8);
+            map.mark_sectors(block * 8, 8); // again: no second lane
+        }
+        assert_eq!(
+            map.memory_bytes(),
+            DirtyMap::new(64 * MIB, 4096).memory_bytes() + SPARSE_BYTES + LEAF_BYTES
+        );
+        assert_eq!(map.count_dirty_blocks(), 40);
+        let taken = take_all(&map, u64::MAX);
+        assert_eq!(
+            blocks_of(&map, &taken),
+            blocks.iter().copied().collect::<BTreeSet<_>>()
+        );
     }
 
     #[test]
@@ -1088,25 +1312,29 @@ mod tests {
         // Four whole leaves and a last leaf of 3.5 blocks.
         let device_bytes = 4 * leaf_bytes_of_device + 3 * 4096 + 2048;
         let fixed_bytes = DirtyMap::with_memory_limit(device_bytes, 4096, 0).memory_bytes_max();
-        let map = DirtyMap::with_memory_limit(device_bytes, 4096, fixed_bytes + LEAF_BYTES);
-        assert_eq!(map.memory_bytes_max(), fixed_bytes + LEAF_BYTES);
-        map.mark_sectors(8, 8); // leaf 0 takes the only pool leaf
-        map.mark_sectors(leaf_bytes_of_device / 512 + 16, 1); // leaf 1: coarse
-        map.mark_sectors(4 * leaf_bytes_of_device / 512, 1); // leaf 4 (partial): coarse
-        assert_eq!(map.count_dirty_blocks(), 1 + LEAF_BLOCK_COUNT + 4);
-        assert_eq!(map.memory_bytes(), map.memory_bytes_max());
+        // Sparse leaves for all five leaves, and one bitmap leaf.
+        let budget = fixed_bytes + 5 * SPARSE_BYTES + LEAF_BYTES;
+        let map = DirtyMap::with_memory_limit(device_bytes, 4096, budget);
+        assert_eq!(map.memory_bytes_max(), budget);
+        // Three blocks at a time: bitmap marks.
+        map.mark_sectors(8, 24); // leaf 0 takes the only bitmap leaf
+        map.mark_sectors(leaf_bytes_of_device / 512 + 16, 24); // leaf 1: coarse
+        map.mark_sectors(4 * leaf_bytes_of_device / 512, 24); // leaf 4 (partial): coarse
+        assert_eq!(map.count_dirty_blocks(), 3 + LEAF_BLOCK_COUNT + 4);
+        assert_eq!(map.memory_bytes(), fixed_bytes + LEAF_BYTES);
         assert_eq!(
             take_all(&map, u64::MAX),
             [
-                extent(4096, 4096),
+                extent(4096, 3 * 4096),
                 extent(leaf_bytes_of_device, leaf_bytes_of_device),
                 extent(4 * leaf_bytes_of_device, 3 * 4096 + 2048),
             ]
         );
         assert!(map.is_empty());
-        // Leaf 0 keeps its exact bits; coarse leaves coalesce with neighbours.
+        // Leaf 0 keeps its exact bits (a single block goes to its bitmap
+        // leaf once it has one); a coarse leaf coalesces with neighbours.
         map.mark_sectors(0, 8);
-        map.mark_sectors(leaf_bytes_of_device / 512 - 8, 16);
+        map.mark_sectors(leaf_bytes_of_device / 512 - 8, 32);
         assert_eq!(
             take_all(&map, u64::MAX),
             [
@@ -1114,6 +1342,28 @@ mod tests {
                 extent(leaf_bytes_of_device - 4096, leaf_bytes_of_device + 4096)
             ]
         );
+
+        // Two sparse leaves and no bitmap leaf: a third leaf's single block
+        // is kept whole, and so is a 17th block in a sparse leaf.
+        let map = DirtyMap::with_memory_limit(device_bytes, 4096, fixed_bytes + 2 * SPARSE_BYTES);
+        map.mark_sectors(0, 8);
+        map.mark_sectors(leaf_bytes_of_device / 512, 8);
+        assert_eq!(map.coarse_mark_count(), 0);
+        map.mark_sectors(2 * leaf_bytes_of_device / 512, 8);
+        assert_eq!(map.coarse_mark_count(), 1);
+        assert_eq!(map.memory_bytes(), map.memory_bytes_max());
+        assert_eq!(
+            take_all(&map, u64::MAX),
+            [
+                extent(0, 4096),
+                extent(leaf_bytes_of_device, 4096),
+                extent(2 * leaf_bytes_of_device, leaf_bytes_of_device),
+            ]
+        );
+        for block in 0..17 {
+            map.mark_sectors(block * 16, 8);
+        }
+        assert_eq!(take_all(&map, u64::MAX), [extent(0, leaf_bytes_of_device)]);
 
         // No pool at all still works, and counts each whole-leaf mark once
         // per take.
@@ -1178,6 +1428,11 @@ mod tests {
     /// all takes is what was marked, nothing lost, nothing invented (except
     /// whole coarse leaves when the pool is small).
     fn concurrent_producers_and_a_taker(map: DirtyMap, exact: bool) {
+        concurrent_producers_and_a_taker_marking(map, exact, 300);
+    }
+
+    /// As above, each mark 1..=`sector_count_max` sectors.
+    fn concurrent_producers_and_a_taker_marking(map: DirtyMap, exact: bool, sector_count_max: u64) {
         const PRODUCER_COUNT: u64 = 3;
         const MARK_COUNT: usize = 4000;
         let map = Arc::new(map);
@@ -1209,7 +1464,7 @@ mod tests {
                     let mut marks = Vec::with_capacity(MARK_COUNT);
                     for _ in 0..MARK_COUNT {
                         let sector_first = rng.next() % (device_sector_count + 64);
-                        let sector_count = 1 + rng.next() % 300;
+                        let sector_count = 1 + rng.next() % sector_count_max;
                         map.mark_sectors(sector_first, sector_count);
                         marks.push((sector_first, sector_count));
                     }
@@ -1262,6 +1517,23 @@ mod tests {
         concurrent_producers_and_a_taker(DirtyMap::new(256 * LEAF_BLOCK_COUNT * 512, 512), true);
     }
 
+    /// Single and double blocks: sparse lanes raced by three producers and
+    /// a taker, filling up and spilling into bitmap leaves.
+    #[test]
+    fn concurrent_producers_of_single_blocks_lose_nothing() {
+        concurrent_producers_and_a_taker_marking(
+            DirtyMap::new(256 * LEAF_BLOCK_COUNT * 512, 512),
+            true,
+            2,
+        );
+        // Few leaves: many marks per sparse leaf.
+        concurrent_producers_and_a_taker_marking(
+            DirtyMap::new(4 * LEAF_BLOCK_COUNT * 512, 512),
+            true,
+            2,
+        );
+    }
+
     #[test]
     fn concurrent_producers_lose_nothing_with_a_small_pool() {
         let device_bytes = 256 * LEAF_BLOCK_COUNT * 512;
@@ -1287,6 +1559,9 @@ mod tests {
     fn op_strategy(device_sector_count: u64) -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => (0..device_sector_count + 100, 0..2048u64)
+                .prop_map(|(sector_first, sector_count)| Op::Mark { sector_first, sector_count }),
+            // Small marks: sparse lanes.
+            6 => (0..device_sector_count + 100, 0..9u64)
                 .prop_map(|(sector_first, sector_count)| Op::Mark { sector_first, sector_count }),
             1 => prop::sample::select(vec![4096, 3 * 4096, 64 * KIB, MIB, u64::MAX])
                 .prop_map(|extent_bytes_max| Op::Take { extent_bytes_max }),

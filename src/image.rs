@@ -127,7 +127,7 @@ pub struct ImageOptions {
     /// Pace reads by the workload's write latency (`crate::adaptive`).
     pub adaptive: bool,
     /// Bytes the dirty map may take at most; `None` = enough for every
-    /// block (32.27 MiB per TiB at 4 KiB blocks, committed as written).
+    /// block (34.5 MiB per TiB at 4 KiB blocks, committed as written).
     /// Past the bound, newly written 16 MiB regions are kept whole
     /// ([`DirtyMap::with_memory_limit`]): the catch-up re-reads more, never
     /// less, than was written.
@@ -202,6 +202,9 @@ pub struct RunStats {
     pub image_bytes: u64,
     /// CPU time of the whole process (user + system), from getrusage.
     pub cpu_seconds: f64,
+    /// Peak resident memory of the process (read buffers, trace buffers
+    /// mapped, dirty map, extents), from getrusage.
+    pub max_rss_bytes: u64,
     pub converged: bool,
     /// Bytes that changed during the last round of an unconverged run.
     pub unconverged_changed_bytes: u64,
@@ -674,6 +677,7 @@ impl Run<'_> {
             dirty_map_whole_region_marks: self.dirty.coarse_mark_count(),
             image_bytes: 0,
             cpu_seconds: cpu_seconds(),
+            max_rss_bytes: max_rss_bytes(),
             converged: verdict == Verdict::Converged,
             unconverged_changed_bytes: changed_bytes,
             frozen: self.mounts.iter().map(|m| m.mountpoint.clone()).collect(),
@@ -1149,15 +1153,24 @@ impl Drop for SetOnDrop<'_> {
 }
 
 /// User + system CPU seconds of this process so far.
-fn cpu_seconds() -> f64 {
+fn own_usage() -> libc::rusage {
     // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
-    let usage = unsafe {
+    unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
         libc::getrusage(libc::RUSAGE_SELF, &mut usage);
         usage
-    };
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    let usage = own_usage();
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn max_rss_bytes() -> u64 {
+    // Linux reports ru_maxrss in KiB.
+    u64::try_from(own_usage().ru_maxrss).unwrap_or(0) * 1024
 }
 
 fn pass_stats(stats: &ReadStats) -> PassStats {

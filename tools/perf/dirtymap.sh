@@ -7,8 +7,9 @@
 # catch-up (--hold-file) until fio is done; the figure is the map's own
 # count of its memory (`dirty_map_memory_bytes` in --stats-json: fixed
 # tables plus the leaves claimed, which are never given back during a run,
-# so the end-of-run figure is the peak), with the process's peak RSS beside
-# it for scale (that includes the read buffers and the trace).
+# so the end-of-run figure is the peak), with the process's peak RSS
+# (`max_rss_bytes`) beside it for scale (that includes the read buffers,
+# the trace and the catch-up's extent lists).
 #
 # usage (root; needs fio): tools/perf/dirtymap.sh SIZE PERCENT PATTERN [-- IMAGE_ARGS...]
 #   SIZE     the device, e.g. 1T (the file needs PERCENT of it in free space)
@@ -19,8 +20,12 @@
 #                       places (the model of `cargo bench --bench dirty_map`)
 #            ext4:      files of 4 KiB to 8 MiB written into an ext4
 #                       filesystem made on the device before imaging
-# Prints one line: size, percent, pattern, blocks written, map memory, the
-# same per TiB, peak RSS, catch-up bytes re-read, events lost, converged.
+# Prints one line: size, percent, pattern, blocks meant to be written and
+# dirty blocks the catch-up took (summed over its rounds: what was really
+# written, filesystem metadata included; a block whose completion event
+# re-marked it after a round took it on its queue event counts twice), map
+# memory, the same per TiB, peak RSS, catch-up bytes re-read, events lost,
+# converged.
 set -euo pipefail
 size=$1
 percent=$2
@@ -57,7 +62,7 @@ if [ "$pattern" = ext4 ]; then
 fi
 
 touch "$work/hold"
-/usr/bin/time -f "%M" -o "$work/rss" "$bin" image -d "$loopdev" -o /dev/null \
+"$bin" image -d "$loopdev" -o /dev/null \
     --hold-file "$work/hold" --stats-json "$work/stats.json" "$@" 2> "$work/log" &
 hc_pid=$!
 sleep 1
@@ -91,15 +96,17 @@ if [ "$status" != 0 ]; then
     tail -20 "$work/log" >&2
     exit 1
 fi
-python3 - "$work/stats.json" "$work/rss" "$size" "$percent" "$pattern" "$blocks" <<'EOF'
+python3 - "$work/stats.json" "$size" "$percent" "$pattern" "$blocks" <<'EOF'
 import json, sys
 stats = json.load(open(sys.argv[1]))
-rss_kib = int(open(sys.argv[2]).read().split()[-1])
-size, percent, pattern, blocks = sys.argv[3:7]
+rss_kib = stats["max_rss_bytes"] // 1024
+size, percent, pattern, blocks = sys.argv[2:6]
 mib = 2**20
 memory = stats["dirty_map_memory_bytes"]
 per_tib = memory * 2**40 / stats["device_bytes"]
-print(f"{size} {percent}% {pattern}: {int(blocks)} blocks written, "
+taken = sum(r["dirty_bytes"] for r in stats["rounds"]) // 4096
+print(f"{size} {percent}% {pattern}: {int(blocks)} blocks to write, {taken} dirty blocks taken "
+      f"({100 * taken * 4096 / stats['device_bytes']:.3f}% of the device), "
       f"{stats['events']['writes_seen']} write events, lost {stats['events']['lost']}; "
       f"dirty map {memory / mib:.2f} MiB = {per_tib / mib:.2f} MiB per TiB "
       f"(bound {stats['dirty_map_memory_max_bytes'] / mib:.2f} MiB, "
