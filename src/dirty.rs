@@ -633,10 +633,22 @@ impl DirtyMap {
         let (coarse, bit) = leaf_bit(&self.leaf_coarse, leaf_index);
         let whole_leaf = coarse.load(Ordering::Acquire) & bit != 0
             && coarse.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-        let bits = self.leaf_bits(leaf_index, |word| word.swap(0, Ordering::AcqRel));
-        if !whole_leaf {
-            for (word_index, &word_bits) in bits.iter().enumerate() {
-                sink.push_word(leaf_block_first + word_index as u64 * WORD_BITS, word_bits);
+        let take = |word: &AtomicU64| word.swap(0, Ordering::AcqRel);
+        let slot_value = self.leaf_slots[leaf_index].load(Ordering::Acquire);
+        if self.sparse_slots[leaf_index].load(Ordering::Acquire) == 0 && slot_value != 0 {
+            // Bitmap only (the common case of dense writes): no union to build.
+            for (word_index, word) in self.pool_leaf(slot_value).iter().enumerate() {
+                let bits = take(word);
+                if !whole_leaf {
+                    sink.push_word(leaf_block_first + word_index as u64 * WORD_BITS, bits);
+                }
+            }
+        } else {
+            let bits = self.leaf_bits(leaf_index, take);
+            if !whole_leaf {
+                for (word_index, &word_bits) in bits.iter().enumerate() {
+                    sink.push_word(leaf_block_first + word_index as u64 * WORD_BITS, word_bits);
+                }
             }
         }
         if whole_leaf {
