@@ -141,9 +141,9 @@ pub struct ImageArgs {
     pub adaptive: bool,
     /// Memory the dirty map may take at most, e.g. 4M; 0 = as much as it
     /// needs (at most 34.5 MiB per TiB of device, taken as regions are
-    /// written). Once the bound is reached, a write to a region not written
-    /// before (16 MiB at 4 KiB blocks) marks the whole region: nothing is
-    /// missed, the catch-up re-reads more.
+    /// written). Once it is reached, a write that finds no room in the map
+    /// marks its whole region (16 MiB at 4 KiB blocks): nothing is missed,
+    /// the catch-up re-reads more.
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
     pub dirty_map_memory: u64,
     /// Where write events come from: blktrace (the classic relay files;

@@ -128,7 +128,7 @@ pub struct ImageOptions {
     pub adaptive: bool,
     /// Bytes the dirty map may take at most; `None` = enough for every
     /// block (34.5 MiB per TiB at 4 KiB blocks, committed as written).
-    /// Past the bound, newly written 16 MiB regions are kept whole
+    /// Past the bound, a write that finds no room keeps its 16 MiB region whole
     /// ([`DirtyMap::with_memory_limit`]): the catch-up re-reads more, never
     /// less, than was written.
     pub dirty_map_memory_max: Option<u64>,
