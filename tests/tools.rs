@@ -269,6 +269,13 @@ fn hc_impact_prints_both_columns_and_removes_its_device() {
         !backing.contains("hc-impact-"),
         "{device} still attached to {backing}"
     );
+    // A loop device keeps its scheduler after it is detached: put back.
+    let scheduler =
+        fs::read_to_string(format!("/sys/block/{name}/queue/scheduler")).unwrap_or_default();
+    assert!(
+        !scheduler.contains("[mq-deadline]"),
+        "{device} left with {scheduler}"
+    );
 }
 
 #[test]

@@ -140,10 +140,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
             device.clone()
         }
         None => {
-            scratch = Scratch::new(args.scratch, args.seed)?;
+            let mut made = Scratch::new(args.scratch, args.seed)?;
             if let Some(name) = &args.scheduler {
-                scratch.set_scheduler(name)?;
+                made.set_scheduler(name)?;
             }
+            scratch = made;
             scratch.device.clone()
         }
     };
@@ -363,6 +364,10 @@ fn print_table(r: &Report) {
 struct Scratch {
     device: PathBuf,
     _dir: tempfile::TempDir,
+    /// The scheduler the loop device had before `set_scheduler`: a loop
+    /// device keeps its queue settings after it is detached, so it is put
+    /// back on drop.
+    scheduler_before: Option<String>,
 }
 
 impl Scratch {
@@ -397,15 +402,22 @@ impl Scratch {
             device.display(),
             size >> 20
         );
-        Ok(Scratch { device, _dir: dir })
+        Ok(Scratch {
+            device,
+            _dir: dir,
+            scheduler_before: None,
+        })
     }
 }
 
 impl Scratch {
-    fn set_scheduler(&self, name: &str) -> anyhow::Result<()> {
+    fn set_scheduler(&mut self, name: &str) -> anyhow::Result<()> {
         let path = scheduler_path(&self.device)?;
+        let before = scheduler_of(&self.device);
         fs::write(&path, name)
-            .with_context(|| format!("cannot set the scheduler {name} in {}", path.display()))
+            .with_context(|| format!("cannot set the scheduler {name} in {}", path.display()))?;
+        self.scheduler_before = Some(before);
+        Ok(())
     }
 }
 
@@ -434,6 +446,14 @@ fn scheduler_of(device: &Path) -> String {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if let (Some(before), Ok(path)) = (&self.scheduler_before, scheduler_path(&self.device))
+            && let Err(err) = fs::write(&path, before)
+        {
+            eprintln!(
+                "hc-impact: cannot put back the scheduler {before} of {}: {err}",
+                self.device.display()
+            );
+        }
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
     }
 }
