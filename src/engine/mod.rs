@@ -151,9 +151,14 @@ impl Pacer {
             .store(ns_per_byte.to_bits(), Ordering::Relaxed);
     }
 
-    /// Reserves `len_bytes` of the rate and returns when the read may start.
-    fn reserve(&self, len_bytes: u32) -> Instant {
+    /// Reserves `len_bytes` of the rate and returns when the read may
+    /// start; None without a limit (then nothing is reserved: no clock read
+    /// or shared write per read).
+    fn reserve(&self, len_bytes: u32) -> Option<Instant> {
         let ns_per_byte = f64::from_bits(self.ns_per_byte_bits.load(Ordering::Relaxed));
+        if ns_per_byte == 0.0 {
+            return None;
+        }
         let cost_ns = (f64::from(len_bytes) * ns_per_byte) as u64;
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
         let mut next = self.next_ns.load(Ordering::Relaxed);
@@ -165,7 +170,7 @@ impl Pacer {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return self.epoch + Duration::from_nanos(start),
+                Ok(_) => return Some(self.epoch + Duration::from_nanos(start)),
                 Err(current) => next = current,
             }
         }
@@ -334,12 +339,11 @@ impl Engine {
             // SAFETY: these slots are this worker's alone, slot_bytes long and
             // aligned; the pool outlives the ring (dropped after it in Drop,
             // or leaked if a read was abandoned).
-            let ring = unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, slot_bytes) }
+            let mut ring = unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, slot_bytes) }
                 .map_err(|err| io_uring_error("cannot create a ring", err))?;
             if let Some(note) = &ring.registration_note {
                 notes.push(format!("worker {worker_index}: {note}"));
             }
-            let mut ring = ring;
             ring.ioprio = config.ioprio;
             workers.push(Mutex::new(ring));
         }
@@ -502,19 +506,21 @@ mod pacer_tests {
     #[test]
     fn reservations_are_spaced_by_their_cost_without_saving_idle_time() {
         let pacer = Pacer::new(1_000_000); // 1 byte per microsecond
-        let first = pacer.reserve(1000);
-        let second = pacer.reserve(1000);
-        let third = pacer.reserve(500);
+        let first = pacer.reserve(1000).unwrap();
+        let second = pacer.reserve(1000).unwrap();
+        let third = pacer.reserve(500).unwrap();
         assert_eq!(second - first, Duration::from_millis(1));
         assert_eq!(third - second, Duration::from_millis(1));
         // After an idle spell the next read starts now, not in the past:
         // no burst makes up for the pause.
         let before_sleep = Instant::now();
         std::thread::sleep(Duration::from_millis(20));
-        let after_idle = pacer.reserve(1000);
+        let after_idle = pacer.reserve(1000).unwrap();
         assert!(after_idle >= before_sleep + Duration::from_millis(20));
-        let fourth = pacer.reserve(1000);
+        let fourth = pacer.reserve(1000).unwrap();
         assert_eq!(fourth - after_idle, Duration::from_millis(1));
+        // No limit: nothing reserved.
+        assert!(Pacer::new(0).reserve(1000).is_none());
     }
 
     #[test]
@@ -583,8 +589,9 @@ impl Job<'_> {
     /// With a rate limit, waits until a read of `len_bytes` may start
     /// (in slices, so that a stop is still seen promptly).
     pub fn pace(&self, len_bytes: u32) {
-        let Some(pacer) = self.pacer else { return };
-        let start = pacer.reserve(len_bytes);
+        let Some(start) = self.pacer.and_then(|pacer| pacer.reserve(len_bytes)) else {
+            return;
+        };
         while let Some(wait) = start.checked_duration_since(Instant::now()) {
             self.poll_stop();
             if self.is_halted() {
