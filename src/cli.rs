@@ -320,7 +320,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
         chunk_bytes,
         max_rate_bytes_per_second: args.max_rate,
         ioprio: args.ioprio,
-        paced: args.adaptive,
+        ..EngineConfig::default()
     };
     options.source = SourceConfig {
         kind: args.event_source,

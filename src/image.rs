@@ -362,7 +362,14 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     if options.verbose {
         eprintln!("Event source: {}", source.describe());
     }
-    let engine = Engine::new(&device, options.engine)?;
+    let engine = Engine::new(
+        &device,
+        EngineConfig {
+            // --adaptive sets the rate while reads run.
+            paced: options.engine.paced || options.adaptive,
+            ..options.engine
+        },
+    )?;
     let block_bytes = DIRTY_BLOCK_BYTES.max(device.logical_block_bytes);
     let dirty = match options.dirty_map_memory_max {
         None => DirtyMap::new(device.size_bytes, block_bytes),
@@ -1152,7 +1159,7 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
-/// User + system CPU seconds of this process so far.
+/// getrusage(RUSAGE_SELF).
 fn own_usage() -> libc::rusage {
     // SAFETY: getrusage fills the struct we pass; zeroed is a valid start.
     unsafe {
@@ -1162,6 +1169,7 @@ fn own_usage() -> libc::rusage {
     }
 }
 
+/// User + system CPU seconds of this process so far.
 fn cpu_seconds() -> f64 {
     let usage = own_usage();
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
