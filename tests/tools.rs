@@ -270,8 +270,7 @@ fn hc_impact_prints_both_columns_and_removes_its_device() {
         "{device} still attached to {backing}"
     );
     // A loop device keeps its scheduler after it is detached: put back.
-    let scheduler =
-        fs::read_to_string(format!("/sys/block/{name}/queue/scheduler")).unwrap_or_default();
+    let scheduler = fs::read_to_string(format!("/sys/block/{name}/queue/scheduler")).unwrap();
     assert!(
         !scheduler.contains("[mq-deadline]"),
         "{device} left with {scheduler}"

@@ -201,6 +201,9 @@ fn workload(
     let dir = tempfile::tempdir()?;
     let hold = dir.path().join("hold");
     let stats = dir.path().join("stats.json");
+    // A file, not a pipe: nobody reads hot-clone's progress while the
+    // workload runs, and a full pipe would stall it.
+    let log = dir.path().join("stderr");
     let mut child = match hot_clone {
         Some(binary) => {
             fs::write(&hold, b"")?;
@@ -214,7 +217,7 @@ fn workload(
                 .args(&args.image_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(File::create(&log)?)
                 .spawn()
                 .with_context(|| format!("cannot run {}", binary.display()))?;
             Some(child)
@@ -258,14 +261,13 @@ fn workload(
         iops: total as f64 / elapsed,
     };
     let imaging = match child.take() {
-        Some(child) => {
+        Some(mut child) => {
             let _ = fs::remove_file(&hold);
-            let output = child.wait_with_output()?;
-            if !output.status.success() {
+            let status = child.wait()?;
+            if !status.success() {
                 bail!(
-                    "hot-clone failed ({}): {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr)
+                    "hot-clone failed ({status}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
                 );
             }
             let stats: serde_json::Value = serde_json::from_slice(&fs::read(&stats)?)?;
