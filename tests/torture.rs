@@ -212,21 +212,15 @@ fn case(
     Ok(())
 }
 
-/// Runs writes x timings x seeds on one device; fails listing every
-/// failed case with its seed.
-fn matrix(
-    name: &str,
-    imaged: &Path,
-    targets: &[Target],
-    writes: &[Writes],
-    timings: &[Timing],
-    rate: u32,
-) {
+/// Runs every write mix x both timings x seeds on one device, writing to
+/// `targets` at `rate` writes/s; fails listing every failed case with its
+/// seed.
+fn matrix(name: &str, imaged: &Path, targets: &[Target], rate: u32) {
     let base = test_seed();
     let mut failures = Vec::new();
     let mut cases = 0;
-    for &w in writes {
-        for &timing in timings {
+    for w in ALL_WRITES {
+        for timing in TIMINGS {
             for n in 0..SEEDS_PER_CASE {
                 let seed = base + n;
                 cases += 1;
@@ -249,39 +243,27 @@ fn matrix(
 
 const TIMINGS: [Timing; 2] = [Timing::MainPassOnly, Timing::IntoCatchUp];
 
-fn whole(device: &Path) -> Vec<Target> {
-    vec![Target {
+/// [`matrix`] with the writes spread over the whole imaged device.
+fn whole_device_matrix(name: &str, device: &Path, rate: u32) {
+    let targets = [Target {
         device: device.to_path_buf(),
         range: 0..device_size(device),
-    }]
+    }];
+    matrix(name, device, &targets, rate);
 }
 
 #[test]
 fn torture_loop_512() {
     let device = LoopDevice::new(48 << 20);
     fill_device(&device.path, 11);
-    matrix(
-        "loop 512",
-        &device.path,
-        &whole(&device.path),
-        &ALL_WRITES,
-        &TIMINGS,
-        2000,
-    );
+    whole_device_matrix("loop 512", &device.path, 2000);
 }
 
 #[test]
 fn torture_loop_4kn() {
     let device = LoopDevice::with_sector_size(48 << 20, 4096);
     fill_device(&device.path, 12);
-    matrix(
-        "loop 4Kn",
-        &device.path,
-        &whole(&device.path),
-        &ALL_WRITES,
-        &TIMINGS,
-        2000,
-    );
+    whole_device_matrix("loop 4Kn", &device.path, 2000);
 }
 
 #[test]
@@ -307,28 +289,14 @@ fn torture_partition_at_an_odd_offset() {
             range: 0..start / 8 * 4096,
         },
     ];
-    matrix(
-        "partition",
-        &partition,
-        &targets,
-        &ALL_WRITES,
-        &TIMINGS,
-        1000,
-    );
+    matrix("partition", &partition, &targets, 1000);
 }
 
 #[test]
 fn torture_zram() {
     let zram = Zram::new(64 << 20);
     fill_device(&zram.path, 14);
-    matrix(
-        "zram",
-        &zram.path,
-        &whole(&zram.path),
-        &ALL_WRITES,
-        &TIMINGS,
-        2000,
-    );
+    whole_device_matrix("zram", &zram.path, 2000);
 }
 
 /// Writes complete (and land) 50 ms after they are issued, while reads of
@@ -338,12 +306,9 @@ fn torture_zram() {
 fn torture_slow_completing_writes() {
     let disk = SlowDisk::new(32 << 20, Duration::from_millis(50));
     fill_device(&disk.path, 15);
-    matrix(
+    whole_device_matrix(
         "slow FUSE loop",
         &disk.path,
-        &whole(&disk.path),
-        &ALL_WRITES,
-        &TIMINGS,
         // Each write takes 50 ms; at 10 a second the disk has pauses with
         // no write in flight, as the settle before the main pass needs (a
         // disk that never pauses is refused after 30 s, by design).
