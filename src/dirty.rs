@@ -470,15 +470,11 @@ impl DirtyMap {
         let mut slot_value = slot.load(Ordering::Acquire);
         let mut installed = false;
         if slot_value == 0 {
-            if self.sparse_claimed_count.load(Ordering::Relaxed) >= self.sparse_leaf_count {
+            let Some(sparse_index) = claim_next(&self.sparse_claimed_count, self.sparse_leaf_count)
+            else {
                 return (false, false);
-            }
-            let sparse_index = self.sparse_claimed_count.fetch_add(1, Ordering::Relaxed);
-            if sparse_index >= self.sparse_leaf_count {
-                return (false, false);
-            }
-            // < sparse_leaf_count <= leaf_count < u32::MAX, checked in `new`.
-            let claimed = sparse_index as u32 + 1;
+            };
+            let claimed = sparse_index + 1;
             match slot.compare_exchange(0, claimed, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     slot_value = claimed;
@@ -488,8 +484,7 @@ impl DirtyMap {
                 Err(winner) => slot_value = winner,
             }
         }
-        let word_first = (slot_value as usize - 1) * SPARSE_WORD_COUNT;
-        let words = &self.sparse_words[word_first..word_first + SPARSE_WORD_COUNT];
+        let words = self.sparse_leaf(slot_value);
         let placed = (first..end).all(|offset| insert_lane(words, offset + 1));
         (placed, installed)
     }
@@ -522,6 +517,12 @@ impl DirtyMap {
         }
     }
 
+    /// Words of the sparse leaf a non-zero sparse slot value names.
+    fn sparse_leaf(&self, slot_value: u32) -> &[AtomicU64] {
+        let word_first = (slot_value as usize - 1) * SPARSE_WORD_COUNT;
+        &self.sparse_words[word_first..word_first + SPARSE_WORD_COUNT]
+    }
+
     /// Words of the pool leaf a non-zero slot value names.
     fn pool_leaf(&self, slot_value: u32) -> &[AtomicU64] {
         let word_first = (slot_value as usize - 1) * LEAF_WORD_COUNT;
@@ -538,12 +539,7 @@ impl DirtyMap {
                 }
             }
         }
-        if self.pool_claimed_count.load(Ordering::Relaxed) >= self.pool_leaf_count {
-            return None;
-        }
-        let pool_index = self.pool_claimed_count.fetch_add(1, Ordering::Relaxed);
-        // < pool_leaf_count < u32::MAX, checked in `new`.
-        (pool_index < self.pool_leaf_count).then_some(pool_index as u32)
+        claim_next(&self.pool_claimed_count, self.pool_leaf_count)
     }
 
     /// Returns a claimed, never published (so still zero) leaf to the spares.
@@ -673,8 +669,7 @@ impl DirtyMap {
         }
         let sparse_value = self.sparse_slots[leaf_index].load(Ordering::Acquire);
         if sparse_value != 0 {
-            let word_first = (sparse_value as usize - 1) * SPARSE_WORD_COUNT;
-            for word in &self.sparse_words[word_first..word_first + SPARSE_WORD_COUNT] {
+            for word in self.sparse_leaf(sparse_value) {
                 let lanes = read(word);
                 for lane in 0..SPARSE_LANES_PER_WORD {
                     let lane_value = (lanes >> (lane * SPARSE_LANE_BITS)) & SPARSE_LANE_MASK;
@@ -796,6 +791,17 @@ fn leaf_bit(table: &[AtomicU64], leaf_index: usize) -> (&AtomicU64, u64) {
         &table[leaf_index / LEAVES_PER_SUMMARY_WORD],
         1 << (leaf_index % LEAVES_PER_SUMMARY_WORD),
     )
+}
+
+/// The next unclaimed index of a pool of `count` leaves whose claims
+/// `claimed` counts; None once it is used up. `count` < u32::MAX is checked
+/// in `DirtyMap::new` (a pool has at most one leaf per leaf).
+fn claim_next(claimed: &AtomicUsize, count: usize) -> Option<u32> {
+    if claimed.load(Ordering::Relaxed) >= count {
+        return None;
+    }
+    let index = claimed.fetch_add(1, Ordering::Relaxed);
+    (index < count).then_some(index as u32)
 }
 
 /// Puts `lane_value` (a leaf-relative block + 1) into a lane of a sparse
