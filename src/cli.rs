@@ -4,7 +4,7 @@
 use crate::demo::{self, DemoOptions};
 use crate::engine::EngineConfig;
 use crate::exit::Exit;
-use crate::image::{self, EventsLost, ImageOptions, Output, Verdict};
+use crate::image::{self, CompletionsMissing, EventsLost, ImageOptions, Output, Verdict};
 use crate::restore::{self, ImageSource, Options};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{SourceConfig, SourceKind};
@@ -245,6 +245,8 @@ pub fn main() -> ExitCode {
                 Exit::Interrupted.into()
             } else if error.chain().any(|c| c.is::<EventsLost>()) {
                 Exit::EventsLost.into()
+            } else if error.chain().any(|c| c.is::<CompletionsMissing>()) {
+                Exit::CompletionsMissing.into()
             } else {
                 Exit::Failure.into()
             }

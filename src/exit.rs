@@ -19,6 +19,9 @@ pub enum Exit {
     Incomplete = 3,
     /// Imaging: the event source lost write events; the image has no trailer.
     EventsLost = 4,
+    /// Imaging: the device does not report where its writes complete and
+    /// `--freeze` was not given; the image has no trailer.
+    CompletionsMissing = 5,
     /// Stopped by SIGINT or SIGTERM; cleaned up.
     Interrupted = 130,
 }

@@ -17,6 +17,11 @@
 //! 5. The END trailer, only for a run that can vouch for what it captured.
 //!    Lost events, a signal, or an error end the stream without one.
 
+mod pending;
+mod rounds;
+
+pub use pending::{COMPLETION_WAIT_MAX, COMPLETION_WAIT_NONE_SEEN, Completions};
+
 use crate::adaptive::{self, Controller, LatencyProbe};
 use crate::blockdev;
 use crate::device::SourceDevice;
@@ -32,6 +37,8 @@ use crate::trace::{DevT, Phase, WriteEvent};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
+use pending::PendingWrites;
+use rounds::{Ending, Look, RoundRead, Rounds, RoundsConfig, World};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter};
@@ -57,8 +64,8 @@ pub const DIRTY_BLOCK_BYTES: u32 = 4096;
 /// flight. A disk that never pauses for this long cannot be imaged safely.
 pub const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(30);
 
-/// How long a catch-up round waits for no write in flight before it reads
-/// anyway (and then reads its extents again in the next round).
+/// With nothing dirty but writes in flight, how long looks wait for them
+/// before a round is counted.
 pub const ROUND_SETTLE_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// A catch-up round reads across clean gaps up to this long between dirty
@@ -178,6 +185,28 @@ pub struct EventsLost {
     pub lost: u64,
     pub kept: u64,
     pub buffer: Bytes,
+}
+
+/// The device does not report where its writes complete, and `--freeze`
+/// was not asked for: no round can prove that a write racing a read was
+/// read again. The image was ended without a trailer.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} does not report where its writes complete: {}; without that the run cannot prove that a write racing a read was read again, so the image was ended without its END trailer. Devices like this (brd, NVMe multipath heads, md/dm devices whose completions name a member) can be imaged with --freeze, which stops the filesystem's writes for the final round, or image the device underneath",
+    device.display(),
+    match sector_first {
+        Some(sector) => format!(
+            "a write at sector {sector} of it has had no completion event for {:.1}s ({matched_total} completions matched so far)",
+            waited.as_secs_f64()
+        ),
+        None => format!("more writes were left without a completion than the run can track ({matched_total} completions matched)"),
+    }
+)]
+pub struct CompletionsMissing {
+    pub device: PathBuf,
+    pub sector_first: Option<u64>,
+    pub waited: Duration,
+    pub matched_total: u64,
 }
 
 /// What one run did, for `--stats-json` and the summary.
@@ -302,6 +331,10 @@ pub struct RoundStats {
     pub unsettled: bool,
     /// The hold file existed: the round did not count toward the limit.
     pub held: bool,
+    /// `--freeze`: the round read while the filesystems were frozen.
+    pub frozen: bool,
+    /// Sectors of writes queued and not yet seen complete at the look.
+    pub pending_sectors: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -310,6 +343,13 @@ pub struct EventStats {
     pub writes_seen: u64,
     pub pages_read: u64,
     pub lost: u64,
+    /// Queue events of writes in the imaged range.
+    pub writes_queued: u64,
+    /// Completion events that ended a queued write.
+    pub completions_matched: u64,
+    /// Sectors completed with no write queued there: writes queued before
+    /// tracing started, or repeated completions.
+    pub completions_unmatched_sectors: u64,
 }
 
 /// A finished run.
@@ -396,7 +436,11 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         device: &device,
         engine,
         dirty,
-        source: Mutex::new(source),
+        traced: Mutex::new(Traced {
+            source,
+            pending: PendingWrites::default(),
+        }),
+        completions_missing: Mutex::new(None),
         writer: Mutex::new(Some(writer)),
         stop: AtomicBool::new(false),
         lost: AtomicU64::new(0),
@@ -558,8 +602,12 @@ struct Run<'a> {
     device: &'a SourceDevice,
     engine: Engine,
     dirty: DirtyMap,
-    /// The pump drains under this lock and marks before releasing it.
-    source: Mutex<Box<dyn EventSource>>,
+    /// The pump drains under this lock and marks before releasing it; a
+    /// look drains and takes under it (see `rounds`).
+    traced: Mutex<Traced>,
+    /// Set by the pump once the device is found not to report in-range
+    /// completions and nothing (no `--freeze`) can stop its writes.
+    completions_missing: Mutex<Option<Completions>>,
     writer: Mutex<Option<ImageWriter<BufWriter<File>>>>,
     /// Set on loss, signal or a pump error: the engine stops reading.
     stop: AtomicBool,
@@ -661,13 +709,23 @@ impl Run<'_> {
         catch_up.bytes_per_second = catch_up.bytes as f64 / catch_up.seconds.max(1e-9);
         catch_up.latency_us = Latency::of(&catch_up_latency);
 
-        let counters = lock(&self.source).counters();
+        let (counters, pending) = {
+            let traced = lock(&self.traced);
+            (
+                traced.source.counters(),
+                (
+                    traced.pending.queued_total(),
+                    traced.pending.matched_total(),
+                    traced.pending.unmatched_sectors(),
+                ),
+            )
+        };
         let stats = RunStats {
             device: self.device.path.clone(),
             device_bytes: self.device.size_bytes,
             logical_block_bytes: self.device.logical_block_bytes,
             dirty_block_bytes: self.dirty.block_bytes(),
-            event_source: lock(&self.source).name().to_string(),
+            event_source: lock(&self.traced).source.name().to_string(),
             engine: EngineStats::from(settings),
             quiesce_wait_seconds: quiesce_wait.as_secs_f64(),
             main_pass: pass_stats(&main),
@@ -678,6 +736,9 @@ impl Run<'_> {
                 writes_seen: counters.writes_kept,
                 pages_read: counters.pages_read,
                 lost: self.lost.load(Ordering::SeqCst),
+                writes_queued: pending.0,
+                completions_matched: pending.1,
+                completions_unmatched_sectors: pending.2,
             },
             dirty_map_memory_bytes: self.dirty.memory_bytes(),
             dirty_map_memory_max_bytes: self.dirty.memory_bytes_max(),
@@ -695,218 +756,79 @@ impl Run<'_> {
         Ok((verdict, stats))
     }
 
-    /// The catch-up rounds; returns the verdict and, when unconverged, the
-    /// bytes that changed during the last round.
+    /// The catch-up rounds ([`rounds`]); returns the verdict and, when
+    /// unconverged, the bytes that changed during the last round.
     fn catch_up(
         &self,
         rounds: &mut Vec<RoundStats>,
         latency: &mut Histogram<u64>,
     ) -> anyhow::Result<(Verdict, u64)> {
-        let mut counted: u32 = 0;
-        let mut extents = Vec::new();
-        let mut held_since: Option<Instant> = None;
-        let mut last_hold_note = Instant::now();
-        // `--freeze`: thawed when dropped, on every way out of this function.
-        let mut frozen: Option<Frozen> = None;
-        loop {
-            signals::check()?;
-            self.check_events()?;
-            let settled = self.settle(ROUND_SETTLE_WAIT_MAX)?;
-            extents.clear();
-            let dirty_bytes = self.dirty.take_into(&mut extents, EXTENT_BYTES_MAX);
-            dirty::merge_small_gaps(&mut extents, CATCH_UP_GAP_MERGE_BYTES);
-            let held = frozen.is_none() && self.held();
-            let would_converge = extents.is_empty() && settled == Settled::Quiet;
-            if !self.mounts.is_empty()
-                && frozen.is_none()
-                && !held
-                && (would_converge
-                    || dirty_bytes <= FREEZE_DIRTY_BYTES_MAX
-                    || counted >= self.options.rounds_max)
-            {
-                // Converged as far as the live filesystem lets us: freeze it
-                // (which writes back its dirty data and journal, all traced)
-                // and read what is left while nothing can write.
-                for extent in &extents {
-                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
-                }
-                let now_frozen = Frozen::freeze(&self.mounts)?;
-                eprintln!(
-                    "Frozen {} for the final round (after {} rounds)",
-                    now_frozen.describe(),
-                    rounds.len()
-                );
-                frozen = Some(now_frozen);
-                counted = 0; // the frozen rounds have a limit of their own
-                continue;
+        let mut policy = Rounds::new(RoundsConfig {
+            rounds_max: self.options.rounds_max,
+            freeze: !self.mounts.is_empty(),
+            freeze_dirty_bytes_max: FREEZE_DIRTY_BYTES_MAX,
+            settle_wait_max: ROUND_SETTLE_WAIT_MAX,
+            hold_file: self.options.hold_file.clone(),
+        });
+        let mut world = LiveWorld {
+            run: self,
+            frozen: None,
+            latency,
+            events: Vec::new(),
+        };
+        match rounds::catch_up(&mut world, &mut policy, rounds, self.device.size_bytes)? {
+            Ending::Converged => Ok((Verdict::Converged, 0)),
+            Ending::Unconverged { changed_bytes } => {
+                Ok((Verdict::Unconverged { changed_bytes }, changed_bytes))
             }
-            if frozen.is_some()
-                && self
-                    .options
-                    .hold_frozen_file
-                    .as_deref()
-                    .is_some_and(Path::exists)
-            {
-                for extent in &extents {
-                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            if would_converge && !held {
-                self.thaw(&mut frozen)?;
-                // Why no write can be missed. Let W be a write to block B that
-                // completed before this round's drain, and R the last read of
-                // B that went into the image.
-                // - W completed before R was submitted: R returned W's data
-                //   (a read submitted after a write completed sees it).
-                // - W was submitted after R was submitted: its queue event
-                //   was emitted after R and before this drain, so it was
-                //   drained by some round after R; that round found B dirty
-                //   and read B again after R, contradicting R being last.
-                // - W was submitted before R and completed after R was
-                //   submitted: W's queue event was drained before R (else
-                //   the case above). Every round's reads start only after a
-                //   drain followed by a look at the disk that found no write
-                //   in flight (`settle`); a round that read while writes were
-                //   in flight re-marks what it read, and the main pass began
-                //   only after such a quiet look. So W, drained before that
-                //   look, had completed before R was submitted: the first
-                //   case. On devices that report completions (request-based
-                //   ones such as loop, and partitions), W's completion event
-                //   marks B again as well.
-                // Hence every write completed before this drain is in the
-                // image. This drain found nothing new and `settle` saw no
-                // write in flight after it: the image is the device as of
-                // this drain. (`sync_drain` makes "before this drain" exact:
-                // it waits until every event emitted before it is readable.)
-                eprintln!(
-                    "Converged after {} round{}: nothing changed and no write in flight",
-                    rounds.len(),
-                    if rounds.len() == 1 { "" } else { "s" }
-                );
-                return Ok((Verdict::Converged, 0));
-            }
-            if !held && counted >= self.options.rounds_max {
-                self.thaw(&mut frozen)?;
-                // Put back what was taken so the count below includes it.
-                for extent in &extents {
-                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
-                }
-                let changed_bytes =
-                    self.dirty.count_dirty_blocks() * u64::from(self.dirty.block_bytes());
-                let changed_bytes = changed_bytes.min(self.device.size_bytes);
-                eprintln!(
-                    "WARNING: writes did not quiesce within {} catch-up rounds: {} blocks ({}) changed during the last round and may be older in the image than on the device; the image is marked NOT converged",
-                    self.options.rounds_max,
-                    changed_bytes.div_ceil(u64::from(self.dirty.block_bytes())),
-                    Bytes(changed_bytes)
-                );
-                self.write_state(RunState::Unconverged { changed_bytes })?;
-                return Ok((Verdict::Unconverged { changed_bytes }, changed_bytes));
-            }
-            if held {
-                let since = *held_since.get_or_insert_with(Instant::now);
-                if last_hold_note.elapsed() >= PROGRESS_INTERVAL {
-                    last_hold_note = Instant::now();
-                    eprintln!(
-                        "Holding for {:.0}s while {} exists -- {} dirty sectors",
-                        since.elapsed().as_secs_f64(),
-                        self.options
-                            .hold_file
-                            .as_deref()
-                            .unwrap_or(Path::new("?"))
-                            .display(),
-                        dirty_bytes / SECTOR_BYTES
-                    );
-                }
-            } else {
-                held_since = None;
-            }
-            if extents.is_empty() {
-                if held || settled == Settled::Busy {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if !held {
-                    counted += 1;
-                }
-                continue;
-            }
-            let round_number = rounds.len() as u32 + 1;
-            let stats = self.read(&extents, None)?;
-            latency.add(&stats.latency_us).expect("histograms agree");
-            if settled == Settled::Busy {
-                // A write in flight during these reads may land after them
-                // without a new event (bio-based devices report no
-                // completion): read the same extents again next round.
-                for extent in &extents {
-                    self.mark_bytes(extent.offset_bytes, extent.len_bytes);
-                }
-            }
-            if !held {
-                counted += 1;
-            }
-            let round = RoundStats {
-                round: round_number,
-                dirty_bytes,
-                extents: extents.len(),
-                bytes_read: stats.bytes_read,
-                seconds: stats.elapsed.as_secs_f64(),
-                unsettled: settled == Settled::Busy,
-                held,
-            };
-            if !held || self.options.verbose {
-                eprintln!(
-                    "Round {}: {} in {} extents read in {:.0} ms{}{}",
-                    round.round,
-                    Bytes(round.bytes_read),
-                    round.extents,
-                    round.seconds * 1000.0,
-                    if round.unsettled {
-                        " (writes in flight: will read again)"
-                    } else {
-                        ""
-                    },
-                    if held { " (held)" } else { "" }
-                );
-            }
-            rounds.push(round);
+            Ending::NoCompletions(completions) => Err(self.no_completions(completions).into()),
         }
     }
 
-    /// Thaws what `--freeze` froze, if anything, and records for how long.
-    fn thaw(&self, frozen: &mut Option<Frozen>) -> anyhow::Result<()> {
-        if let Some(now_frozen) = frozen.take() {
-            let what = now_frozen.describe();
-            let held = now_frozen.thaw()?;
-            eprintln!(
-                "Thawed {what}: writes were blocked for {:.0} ms",
-                held.as_secs_f64() * 1000.0
-            );
-            *lock(&self.freeze_seconds) = Some(held.as_secs_f64());
+    /// The error for a device whose writes are not seen to complete.
+    fn no_completions(&self, completions: Completions) -> CompletionsMissing {
+        let Completions::Missing {
+            sector_first,
+            waited,
+            matched_total,
+        } = completions
+        else {
+            unreachable!("called only once completions are missing");
+        };
+        CompletionsMissing {
+            device: self.device.path.clone(),
+            sector_first,
+            waited,
+            matched_total,
         }
-        Ok(())
     }
 
     fn held(&self) -> bool {
         self.options.hold_file.as_deref().is_some_and(Path::exists)
     }
 
-    /// Drains the trace (waiting until every event emitted before the call
-    /// is readable) and then looks at the disk's in-flight writes, until
-    /// none is in flight or `wait_max` has passed. The look comes after the
-    /// drain: a write whose queue event the drain returned is then known to
-    /// be complete.
+    /// Before the main pass: drains the trace (waiting until every event
+    /// emitted before the call is readable) and then looks at the disk's
+    /// in-flight writes, until none is in flight or `wait_max` has passed.
+    /// On a quiet look, with the source's lock still held so no drain comes
+    /// between, the pending writes start afresh (`PendingWrites::restart`):
+    /// the writes the look saw complete, and later completions are of
+    /// writes the trace saw queued.
     fn settle(&self, wait_max: Duration) -> anyhow::Result<Settled> {
         let started = Instant::now();
         let mut pause = Duration::from_micros(50);
         let mut events = Vec::new();
         loop {
             signals::check()?;
-            self.drain(true, &mut events)?;
-            let (_, writes) = self.device.inflight()?;
-            if writes == 0 {
-                return Ok(Settled::Quiet);
+            {
+                events.clear();
+                let mut traced = lock(&self.traced);
+                self.drain_locked(&mut traced, true, &mut events)?;
+                let (_, writes) = self.device.inflight()?;
+                if writes == 0 {
+                    traced.pending.restart();
+                    return Ok(Settled::Quiet);
+                }
             }
             if started.elapsed() >= wait_max {
                 return Ok(Settled::Busy);
@@ -1018,11 +940,15 @@ impl Run<'_> {
 
     /// Fails with [`EventsLost`] once the source has lost an event.
     fn check_events(&self) -> anyhow::Result<()> {
+        if let Some(completions) = *lock(&self.completions_missing) {
+            return Err(self.no_completions(completions).into());
+        }
         let lost = self.lost.load(Ordering::SeqCst);
         if lost == 0 {
             return Ok(());
         }
-        let source = lock(&self.source);
+        let traced = lock(&self.traced);
+        let source = &traced.source;
         Err(EventsLost {
             source_name: source.name(),
             lost,
@@ -1038,16 +964,8 @@ impl Run<'_> {
     /// couple of milliseconds allocates nothing once it has grown.
     fn drain(&self, sync: bool, events: &mut Vec<WriteEvent>) -> anyhow::Result<usize> {
         events.clear();
-        let mut source = lock(&self.source);
-        if sync {
-            source.sync_drain(events)
-        } else {
-            source.drain(events)
-        }
-        .context("cannot read the trace")?;
-        for event in events.iter() {
-            self.mark(event);
-        }
+        let mut traced = lock(&self.traced);
+        self.drain_locked(&mut traced, sync, events)?;
         if self.options.adaptive {
             let mut probe = lock(&self.probe);
             for event in events.iter() {
@@ -1060,8 +978,48 @@ impl Run<'_> {
         }
         // Marked before the lock is released: whoever takes the dirty set
         // after holding this lock sees these writes.
-        drop(source);
+        drop(traced);
         Ok(events.len())
+    }
+
+    /// Drains with the lock held: marks every write and updates the
+    /// pending writes.
+    fn drain_locked(
+        &self,
+        traced: &mut Traced,
+        sync: bool,
+        events: &mut Vec<WriteEvent>,
+    ) -> anyhow::Result<()> {
+        let Traced { source, pending } = traced;
+        if sync {
+            source.sync_drain(events)
+        } else {
+            source.drain(events)
+        }
+        .context("cannot read the trace")?;
+        // One CPU's buffer after another: put the batch in time order, so
+        // a completion meets the queue event before it (`pending.rs`).
+        events.sort_unstable_by_key(|event| event.timestamp_ns);
+        let now = Instant::now();
+        for event in events.iter() {
+            self.mark(event);
+            match event.phase {
+                Phase::Queue => pending.queued(
+                    event.sector_first,
+                    event.sector_count,
+                    event.timestamp_ns,
+                    now,
+                ),
+                Phase::Complete => pending.completed(
+                    event.sector_first,
+                    event.sector_count,
+                    event.timestamp_ns,
+                    now,
+                ),
+                Phase::Issue => {}
+            }
+        }
+        Ok(())
     }
 
     fn mark(&self, event: &WriteEvent) {
@@ -1138,14 +1096,135 @@ impl Run<'_> {
     }
 
     fn update_lost(&self) -> anyhow::Result<()> {
-        let lost = lock(&self.source)
-            .lost_events()
-            .context("cannot read the trace's loss counters")?;
+        let (lost, completions) = {
+            let mut traced = lock(&self.traced);
+            let lost = traced
+                .source
+                .lost_events()
+                .context("cannot read the trace's loss counters")?;
+            (lost, traced.pending.completions(Instant::now()))
+        };
+        if self.mounts.is_empty() && matches!(completions, Completions::Missing { .. }) {
+            // No freeze can end this device's writes: the run cannot vouch
+            // for an image, so stop reading now rather than after the pass.
+            *lock(&self.completions_missing) = Some(completions);
+            self.stop.store(true, Ordering::SeqCst);
+        }
         if lost > 0 {
             self.lost.store(lost, Ordering::SeqCst);
             self.stop.store(true, Ordering::SeqCst);
         }
         Ok(())
+    }
+}
+
+/// The trace source and what its events say is in flight, under one lock.
+struct Traced {
+    source: Box<dyn EventSource>,
+    pending: PendingWrites,
+}
+
+/// The catch-up rounds' view of a live run ([`rounds::World`]).
+struct LiveWorld<'r, 'a> {
+    run: &'r Run<'a>,
+    /// `--freeze`: thawed when dropped, on every way out of the rounds.
+    frozen: Option<Frozen>,
+    latency: &'r mut Histogram<u64>,
+    events: Vec<WriteEvent>,
+}
+
+impl World for LiveWorld<'_, '_> {
+    fn check(&mut self) -> anyhow::Result<()> {
+        signals::check()?;
+        self.run.check_events()
+    }
+
+    fn look(&mut self, extents: &mut Vec<dirty::Extent>) -> anyhow::Result<Look> {
+        let run = self.run;
+        self.events.clear();
+        let (dirty_bytes, pending, completions) = {
+            // Drain and take under one hold of the lock: no pump drain can
+            // mark a block between what this look saw and what it took.
+            let mut traced = lock(&run.traced);
+            run.drain_locked(&mut traced, true, &mut self.events)?;
+            let dirty_bytes = run.dirty.take_into(extents, EXTENT_BYTES_MAX);
+            let now = Instant::now();
+            (
+                dirty_bytes,
+                traced.pending.summary(),
+                traced.pending.completions(now),
+            )
+        };
+        dirty::merge_small_gaps(extents, CATCH_UP_GAP_MERGE_BYTES);
+        // An extra check after the take, never the proof: it misses writes
+        // in a plug, the scheduler, rq-qos or a tag wait (`blk_mq_in_flight`
+        // counts started requests only).
+        let (_, writes_in_flight) = run.device.inflight()?;
+        Ok(Look {
+            dirty_bytes,
+            extent_count: extents.len(),
+            pending,
+            completions,
+            writes_in_flight,
+            held: self.frozen.is_none() && run.held(),
+            hold_frozen: self.frozen.is_some()
+                && run
+                    .options
+                    .hold_frozen_file
+                    .as_deref()
+                    .is_some_and(Path::exists),
+            now: Instant::now(),
+        })
+    }
+
+    fn put_back(&mut self, extents: &[dirty::Extent]) {
+        for extent in extents {
+            self.run.mark_bytes(extent.offset_bytes, extent.len_bytes);
+        }
+    }
+
+    fn read(&mut self, extents: &[dirty::Extent]) -> anyhow::Result<RoundRead> {
+        let stats = self.run.read(extents, None)?;
+        self.latency
+            .add(&stats.latency_us)
+            .expect("histograms agree");
+        Ok(RoundRead {
+            bytes_read: stats.bytes_read,
+            seconds: stats.elapsed.as_secs_f64(),
+        })
+    }
+
+    fn freeze(&mut self) -> anyhow::Result<String> {
+        let frozen = Frozen::freeze(&self.run.mounts)?;
+        let what = frozen.describe();
+        self.frozen = Some(frozen);
+        Ok(what)
+    }
+
+    fn thaw(&mut self) -> anyhow::Result<()> {
+        if let Some(frozen) = self.frozen.take() {
+            let what = frozen.describe();
+            let held = frozen.thaw()?;
+            eprintln!(
+                "Thawed {what}: writes were blocked for {:.0} ms",
+                held.as_secs_f64() * 1000.0
+            );
+            *lock(&self.run.freeze_seconds) = Some(held.as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn dirty_bytes(&mut self) -> u64 {
+        self.run.dirty.count_dirty_blocks() * u64::from(self.run.dirty.block_bytes())
+    }
+
+    fn mark_unconverged(&mut self, changed_bytes: u64) -> anyhow::Result<()> {
+        self.run
+            .write_state(RunState::Unconverged { changed_bytes })
+    }
+
+    fn sleep(&mut self, duration: Duration) {
+        std::thread::sleep(duration);
     }
 }
 

@@ -1,0 +1,381 @@
+//! The catch-up rounds: when to read again, freeze, wait, or stop.
+//!
+//! [`Rounds`] is the decision, pure: it sees one [`Look`] at a time (what a
+//! round took from the dirty map and what the trace says is still in flight)
+//! and answers with a [`Step`]. [`catch_up`] carries the steps out through a
+//! [`World`] — the trace, the dirty map, the device, the freeze — which the
+//! run implements for real and the tests script.
+//!
+//! # Why no write can be missed
+//!
+//! Terms: a write's *queue event* is emitted when it is submitted, its
+//! *completion event* once its data is on the device (`pending.rs` names the
+//! kernel functions). A *look* ([`World::look`]) holds the trace source's
+//! lock while it (1) waits until every event emitted before it is readable
+//! and drains them all (`sync_drain`), marking each write's blocks dirty and
+//! updating the pending writes, then (2) takes the dirty set. No drain runs
+//! between (1) and (2), so nothing is marked between what the look saw and
+//! what it took. The run converges at a look L that took nothing, found no
+//! write pending, and saw `/sys/block/DISK/inflight` at zero (an extra
+//! check, not a premise). On a device that reports in-range completions:
+//!
+//! - Let W be a write to block B whose queue event was emitted before L. L
+//!   drained it, and found no write pending, so W's completion event was
+//!   drained too: it was emitted before L.
+//! - Let R be the last read of B in the image (a later section wins).
+//!   If R was submitted after W's completion event, R returned W's data or
+//!   newer: the completion is emitted in the driver's end-of-I/O path
+//!   (`blk_update_request`, `bio_endio`), after the device acknowledged the
+//!   write, and a read submitted after a write's acknowledgement returns it.
+//! - Otherwise W's completion event was emitted after R was submitted and
+//!   before L, so a drain D between the two marked B. The dirty set is
+//!   taken only by looks, each followed by a read of what it took; L took
+//!   nothing, so a look after D and before L took B, and its read of B came
+//!   after R (rounds run one after another): R was not the last read of B.
+//!   Contradiction.
+//! - A write queued before tracing started has no queue event. If its
+//!   completion event was emitted after tracing started and before L, the
+//!   last two cases apply unchanged. If it completed before tracing started,
+//!   the main pass (which starts later) read it.
+//!
+//! So every write queued before L is in the image: the image is the device
+//! as of L. What no event can reveal is a write submitted before tracing
+//! started and still not complete at L. Before the main pass the run waits
+//! for `inflight` to read zero, which rules out such a write once a driver
+//! has started it; one held in a plug, the scheduler or rq-qos throttling
+//! for the whole run would escape (README, "What an image promises").
+//!
+//! # Devices that do not report in-range completions
+//!
+//! There a queued write never leaves the pending set, and the argument above
+//! has no premise. `PendingWrites::completions` says so after a bound; the
+//! run then ends without a trailer ([`Step::NoCompletions`]) unless
+//! `--freeze` applies: once `FIFREEZE` returned, the filesystem has written
+//! back and waited on all its I/O (`freeze_super` → `sync_filesystem`) and
+//! blocks new writes, so a look after the freeze that takes nothing, with no
+//! write in flight, ends the run. A round that read while `inflight` showed
+//! writes re-reads its extents, since no completion will mark them. Writes
+//! that bypass the filesystem (a raw writer on the device) still show as
+//! queue events and keep the rounds going.
+
+use super::RoundStats;
+use super::pending::{Completions, PendingSummary};
+use crate::dirty::Extent;
+use crate::format::SECTOR_BYTES;
+use crate::units::Bytes;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What the rounds are bounded by, and whether they may freeze.
+#[derive(Clone, Debug)]
+pub struct RoundsConfig {
+    /// Rounds counted at most before the run ends unconverged.
+    pub rounds_max: u32,
+    /// `--freeze`: there are filesystems to freeze for the final rounds.
+    pub freeze: bool,
+    /// Freeze once a round's dirty set is at most this large.
+    pub freeze_dirty_bytes_max: u64,
+    /// With nothing to read but writes in flight, wait this long before
+    /// counting a round.
+    pub settle_wait_max: Duration,
+    /// `--hold-file`, for the log line only.
+    pub hold_file: Option<PathBuf>,
+}
+
+/// What one look saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Look {
+    /// Bytes taken from the dirty map (whole dirty blocks).
+    pub dirty_bytes: u64,
+    /// Extents taken (after gap merging); 0 = nothing to read.
+    pub extent_count: usize,
+    /// Writes queued and not seen complete.
+    pub pending: PendingSummary,
+    pub completions: Completions,
+    /// `/sys/block/DISK/inflight` writes, read after the take.
+    pub writes_in_flight: u64,
+    /// The hold file exists: do not end the run.
+    pub held: bool,
+    /// Test hook: stay frozen.
+    pub hold_frozen: bool,
+    pub now: Instant,
+}
+
+/// What to do after a look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Read what was taken. With `remark`, mark it dirty again afterwards.
+    Read { remark: bool },
+    /// Nothing was taken but writes are in flight (or the run is held):
+    /// wait, then look again.
+    Wait,
+    /// Put back what was taken, freeze, look again.
+    Freeze,
+    /// Put back what was taken and stay frozen (test hook).
+    HoldFrozen,
+    /// The image holds every write queued before this look.
+    Converged,
+    /// Out of rounds: put back what was taken and end marked unconverged.
+    Unconverged,
+    /// The device does not report where its writes complete and nothing
+    /// stops them: end without vouching for the image.
+    NoCompletions,
+}
+
+/// The round-by-round decision.
+#[derive(Debug)]
+pub struct Rounds {
+    config: RoundsConfig,
+    /// Rounds counted towards `rounds_max` (held rounds are not).
+    counted: u32,
+    frozen: bool,
+    /// Since when looks have found nothing to read but writes in flight.
+    waiting_since: Option<Instant>,
+}
+
+impl Rounds {
+    pub fn new(config: RoundsConfig) -> Rounds {
+        Rounds {
+            config,
+            counted: 0,
+            frozen: false,
+            waiting_since: None,
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    pub fn decide(&mut self, look: &Look) -> Step {
+        let missing = matches!(look.completions, Completions::Missing { .. });
+        if missing && !self.config.freeze {
+            return Step::NoCompletions;
+        }
+        let nothing = look.extent_count == 0;
+        // Without completions (only reached with --freeze) pending writes
+        // never clear; the freeze is what stops them.
+        let quiet = look.writes_in_flight == 0 && (missing || look.pending.is_empty());
+        let would_converge = nothing && quiet;
+        if self.config.freeze
+            && !self.frozen
+            && !look.held
+            && (missing
+                || would_converge
+                || look.dirty_bytes <= self.config.freeze_dirty_bytes_max
+                || self.counted >= self.config.rounds_max)
+        {
+            // Converged as far as the live filesystem lets us: freeze it
+            // (which writes back its dirty data and journal, all traced) and
+            // read what is left while nothing can write.
+            self.frozen = true;
+            self.counted = 0; // the frozen rounds have a limit of their own
+            self.waiting_since = None;
+            return Step::Freeze;
+        }
+        if self.frozen && look.hold_frozen {
+            return Step::HoldFrozen;
+        }
+        if would_converge && !look.held {
+            return Step::Converged;
+        }
+        if !look.held && self.counted >= self.config.rounds_max {
+            return Step::Unconverged;
+        }
+        if nothing {
+            let since = *self.waiting_since.get_or_insert(look.now);
+            if !look.held
+                && look.now.saturating_duration_since(since) >= self.config.settle_wait_max
+            {
+                self.counted += 1;
+                self.waiting_since = None;
+            }
+            return Step::Wait;
+        }
+        self.waiting_since = None;
+        if !look.held {
+            self.counted += 1;
+        }
+        Step::Read {
+            remark: missing && look.writes_in_flight > 0,
+        }
+    }
+}
+
+/// What a round's read did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundRead {
+    pub bytes_read: u64,
+    pub seconds: f64,
+}
+
+/// The run's side of the rounds: the kernel-facing parts.
+pub trait World {
+    /// Fails if the run must stop (a signal, lost events).
+    fn check(&mut self) -> anyhow::Result<()>;
+    /// Drains the trace synchronously, then takes the dirty set into
+    /// `extents`, with no drain in between (see the module documentation).
+    fn look(&mut self, extents: &mut Vec<Extent>) -> anyhow::Result<Look>;
+    /// Marks `extents` dirty again.
+    fn put_back(&mut self, extents: &[Extent]);
+    /// Reads `extents` into the image.
+    fn read(&mut self, extents: &[Extent]) -> anyhow::Result<RoundRead>;
+    /// Freezes the filesystems; returns what was frozen, for the log.
+    fn freeze(&mut self) -> anyhow::Result<String>;
+    /// Thaws what was frozen, if anything.
+    fn thaw(&mut self) -> anyhow::Result<()>;
+    /// Bytes dirty now (after a put-back), for an unconverged ending.
+    fn dirty_bytes(&mut self) -> u64;
+    /// Writes the unconverged state record.
+    fn mark_unconverged(&mut self, changed_bytes: u64) -> anyhow::Result<()>;
+    fn sleep(&mut self, duration: Duration);
+}
+
+/// How the rounds ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Converged,
+    Unconverged {
+        changed_bytes: u64,
+    },
+    /// The device does not report in-range completions; what the look saw.
+    NoCompletions(Completions),
+}
+
+/// Runs the catch-up rounds to their end. Thaws on every way out that
+/// returns (the world's freeze guard covers unwinding).
+pub fn catch_up<W: World>(
+    world: &mut W,
+    rounds: &mut Rounds,
+    stats: &mut Vec<RoundStats>,
+    device_bytes: u64,
+) -> anyhow::Result<Ending> {
+    let result = run_rounds(world, rounds, stats, device_bytes);
+    if result.is_err() {
+        // The error is what counts; a failed thaw is reported by the guard.
+        let _ = world.thaw();
+    }
+    result
+}
+
+fn run_rounds<W: World>(
+    world: &mut W,
+    rounds: &mut Rounds,
+    stats: &mut Vec<RoundStats>,
+    device_bytes: u64,
+) -> anyhow::Result<Ending> {
+    let mut extents = Vec::new();
+    let mut wait = Duration::from_micros(50);
+    let mut held_since: Option<Instant> = None;
+    let mut last_hold_note: Option<Instant> = None;
+    loop {
+        world.check()?;
+        extents.clear();
+        let look = world.look(&mut extents)?;
+        debug_assert_eq!(look.extent_count, extents.len());
+        if look.held {
+            let since = *held_since.get_or_insert(look.now);
+            if last_hold_note.is_none_or(|at| look.now.saturating_duration_since(at) >= HOLD_NOTE) {
+                last_hold_note = Some(look.now);
+                eprintln!(
+                    "Holding for {:.0}s while {} exists -- {} dirty sectors",
+                    look.now.saturating_duration_since(since).as_secs_f64(),
+                    rounds
+                        .config
+                        .hold_file
+                        .as_deref()
+                        .map_or("the hold file".into(), |p| p.display().to_string()),
+                    look.dirty_bytes / SECTOR_BYTES
+                );
+            }
+        } else {
+            held_since = None;
+        }
+        let step = rounds.decide(&look);
+        if step != Step::Wait {
+            wait = Duration::from_micros(50);
+        }
+        match step {
+            Step::Freeze => {
+                world.put_back(&extents);
+                let what = world.freeze()?;
+                eprintln!(
+                    "Frozen {what} for the final round (after {} rounds)",
+                    stats.len()
+                );
+            }
+            Step::HoldFrozen => {
+                world.put_back(&extents);
+                world.sleep(Duration::from_millis(5));
+            }
+            Step::Converged => {
+                world.thaw()?;
+                eprintln!(
+                    "Converged after {} round{}: nothing changed and no write in flight",
+                    stats.len(),
+                    if stats.len() == 1 { "" } else { "s" }
+                );
+                return Ok(Ending::Converged);
+            }
+            Step::Unconverged => {
+                world.thaw()?;
+                world.put_back(&extents);
+                let changed_bytes = world.dirty_bytes().min(device_bytes);
+                eprintln!(
+                    "WARNING: writes did not quiesce within {} catch-up rounds: {} changed during the last round and may be older in the image than on the device; the image is marked NOT converged",
+                    rounds.config.rounds_max,
+                    Bytes(changed_bytes)
+                );
+                world.mark_unconverged(changed_bytes)?;
+                return Ok(Ending::Unconverged { changed_bytes });
+            }
+            Step::NoCompletions => return Ok(Ending::NoCompletions(look.completions)),
+            Step::Wait => {
+                world.sleep(wait);
+                wait = (wait * 2).min(WAIT_MAX);
+            }
+            Step::Read { remark } => {
+                let read = world.read(&extents)?;
+                if remark {
+                    // A write in flight during these reads may land after
+                    // them, and no completion event will say so.
+                    world.put_back(&extents);
+                }
+                let round = RoundStats {
+                    round: stats.len() as u32 + 1,
+                    dirty_bytes: look.dirty_bytes,
+                    extents: extents.len(),
+                    bytes_read: read.bytes_read,
+                    seconds: read.seconds,
+                    unsettled: remark,
+                    held: look.held,
+                    frozen: rounds.is_frozen(),
+                    pending_sectors: look.pending.sectors,
+                };
+                eprintln!(
+                    "Round {}: {} in {} extents read in {:.0} ms{}{}",
+                    round.round,
+                    Bytes(round.bytes_read),
+                    round.extents,
+                    round.seconds * 1000.0,
+                    if remark {
+                        " (writes in flight: will read again)"
+                    } else {
+                        ""
+                    },
+                    if look.held { " (held)" } else { "" }
+                );
+                stats.push(round);
+            }
+        }
+    }
+}
+
+/// The longest pause between looks while writes are in flight.
+const WAIT_MAX: Duration = Duration::from_millis(5);
+
+/// Hold notes at most this often.
+const HOLD_NOTE: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests;
