@@ -581,27 +581,51 @@ impl Drop for HandMadeInstance {
     }
 }
 
+/// A stale-looking instance (new-format name of this boot and pid
+/// namespace, a dead pid) with its cpu0 `trace_pipe_raw` held open, an
+/// event enabled and tracing on. Between `mkdir` and the `open` it really
+/// is stale, and a concurrent test's cleanup may remove it: then it is
+/// made again under another name.
+fn held_stale_instance(tag: u64) -> (HandMadeInstance, File) {
+    let mut identity = live::current_identity().expect("identity");
+    identity.pid = dead_pid();
+    for attempt in 0..20 {
+        // Counter: our pid, a tag and the attempt: unique among parallel
+        // tests and processes.
+        let counter = u64::from(std::process::id()) * 1000 + tag * 100 + attempt;
+        let instance = HandMadeInstance {
+            path: Path::new(TRACEFS_ROOT)
+                .join("instances")
+                .join(InstanceName::format(&identity, counter)),
+        };
+        fs::create_dir(&instance.path).expect("create the instance");
+        let Ok(pipe) = File::open(instance.path.join("per_cpu/cpu0/trace_pipe_raw")) else {
+            continue; // removed by a concurrent cleanup before we held it
+        };
+        fs::write(
+            instance.path.join("events/block/block_bio_queue/enable"),
+            "1",
+        )
+        .unwrap();
+        fs::write(instance.path.join("tracing_on"), "1").unwrap();
+        return (instance, pipe);
+    }
+    panic!("20 instances were removed by concurrent cleanups before they could be held");
+}
+
 /// An instance that looks stale (its pid is dead) but whose pipe some
 /// process reads is in use: the cleanup must neither remove it nor switch
 /// its tracing off. Once nothing holds it, the next cleanup removes it.
 #[test]
 fn cleanup_leaves_an_instance_in_use_alone_and_tracing() {
     require_root();
-    let mut identity = live::current_identity().expect("identity");
-    identity.pid = dead_pid();
-    // Counter: our pid and a tag, unique among parallel tests and processes.
-    let name = InstanceName::format(&identity, u64::from(std::process::id()) * 10 + 1);
-    let instance = HandMadeInstance {
-        path: Path::new(TRACEFS_ROOT).join("instances").join(&name),
-    };
-    fs::create_dir(&instance.path).expect("create the instance");
-    fs::write(
-        instance.path.join("events/block/block_bio_queue/enable"),
-        "1",
-    )
-    .unwrap();
-    fs::write(instance.path.join("tracing_on"), "1").unwrap();
-    let pipe = File::open(instance.path.join("per_cpu/cpu0/trace_pipe_raw")).expect("open pipe");
+    let (instance, pipe) = held_stale_instance(1);
+    let name = instance
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
 
     let removed = cleanup_stale_instances().expect("cleanup");
     assert!(!removed.contains(&name), "removed an instance in use");

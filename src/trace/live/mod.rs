@@ -51,7 +51,7 @@
 //!
 //! The tracefs instance runs with `options/overwrite` = 0: when a CPU's buffer
 //! is full the kernel drops the *new* event and counts it in `dropped events`
-//! of `per_cpu/cpuN/stats`. [`EventSource::lost_events`] also adds `overrun`
+//! of `per_cpu/cpuN/stats`. [`EventSource::health`] also adds `overrun`
 //! and `commit overrun` (should overwrite ever be on) and the `RB_MISSED_EVENTS`
 //! flags of the pages read, plus pages that could not be parsed. blktrace
 //! counts its drops in `/sys/kernel/debug/block/DEV/dropped`; the source adds
@@ -59,6 +59,30 @@
 //! the kernel was still writing it: a relay reader can see a reserved record
 //! before it is filled) and streams it could not parse. Any loss means a
 //! write may have been missed: the run cannot vouch for the image.
+//!
+//! # Health
+//!
+//! Loss is one of three things [`EventSource::health`] reports; any of them
+//! ends the run without a trailer (exit 4):
+//!
+//! - lost events (above);
+//! - writes the trace cannot place: passthrough commands
+//!   ([`WriteKind::Passthrough`], see [`TraceTarget::clip`] for why they are
+//!   not widened), with the best-named one (pid and comm of an issue event);
+//! - tampering: the trace's control files (tracefs: `tracing_on`, each
+//!   event's `enable` and `filter`, buffer size and mode, CPU mask, pid
+//!   filters, clock; blktrace: `/sys/block/DISK/trace/*`) no longer read as
+//!   they did right after setup, or the instance is gone. Such a change moves
+//!   no loss counter (`echo 0 > tracing_on`, `trace-cmd reset`), so it has to
+//!   be looked for.
+//!
+//! # CPUs
+//!
+//! The tracefs source reads every *possible* CPU, so a CPU that comes online
+//! and goes offline between two drains cannot take unread events with it
+//! (see `PipeRead::NoBufferYet` in tracefs.rs for the kernel's behaviour).
+//! blktrace's relay files exist only for CPUs online since setup; a CPU that
+//! comes online later is an error ([`LiveError::CpuOnline`]).
 
 mod blktrace;
 mod integrity;
