@@ -766,7 +766,7 @@ impl EventSource for TracefsSource {
 
     /// Loss: the per-CPU `stats` counters and the pages' missed-events
     /// flags. Unplaceable: passthrough events drained so far. Tampering:
-    /// the instance directory and every [`watch_instance`] file, compared
+    /// the instance directory and every `watch_instance` file, compared
     /// with their text right after setup.
     fn health(&mut self) -> Result<TraceHealth, LiveError> {
         let mut lost_stats = 0u64;
