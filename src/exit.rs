@@ -17,7 +17,9 @@ pub enum Exit {
     /// intact but says it is not a complete capture (unconverged, or the
     /// source had unreadable ranges); the warning says what to distrust.
     Incomplete = 3,
-    /// Imaging: the event source lost write events; the image has no trailer.
+    /// Imaging: the event source cannot vouch for every write (events lost,
+    /// a passthrough write it cannot place, tracing changed from outside);
+    /// the image has no trailer.
     EventsLost = 4,
     /// Imaging: the device does not report where its writes complete and
     /// `--freeze` was not given; the image has no trailer.

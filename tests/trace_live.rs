@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hot_clone::trace::live::{
-    self, EventSource, INSTANCE_PREFIX, LiveError, SourceConfig, SourceKind, TRACEFS_ROOT,
-    TraceTarget, cleanup_stale_instances, open_source, open_tracefs,
+    self, EventSource, INSTANCE_PREFIX, InstanceName, LiveError, SourceConfig, SourceKind,
+    TRACEFS_ROOT, TraceTarget, cleanup_stale_instances, open_source, open_tracefs,
 };
 use hot_clone::trace::{DevT, Phase, WriteEvent, WriteKind};
 
@@ -396,7 +396,8 @@ fn tracefs_reports_writes_discards_and_zeroouts_but_not_reads() {
     assert_eq!(counters.writes_kept, events.len() as u64);
     assert!(counters.events_read >= counters.writes_kept);
     assert!(counters.pages_read > 0);
-    assert_eq!(source.lost_events().unwrap(), 0);
+    let health = source.health().unwrap();
+    assert!(health.is_clean(), "{health}");
 
     // A drain of an idle source returns at once with nothing.
     let started = Instant::now();
@@ -455,7 +456,8 @@ fn partition_writes_are_translated_and_clipped() {
     // written by the write across the end.
     let queued = covered(&events, Phase::Queue);
     assert!((length - 8..length).all(|s| queued.contains(&s)));
-    assert_eq!(source.lost_events().unwrap(), 0);
+    let health = source.health().unwrap();
+    assert!(health.is_clean(), "{health}");
 }
 
 #[test]
@@ -470,13 +472,13 @@ fn tiny_buffer_under_load_reports_loss() {
         file.write_all_at(buf.bytes(), (index % 16_000) * 4096)
             .unwrap();
     }
-    let lost = source.lost_events().unwrap();
+    let lost = source.health().unwrap().lost;
     assert!(lost > 0, "4000 writes into a 4 KiB buffer lost nothing?");
     assert_eq!(source.counters().lost_events, lost);
     // Draining still works; the loss stays reported.
     let mut events = Vec::new();
     source.drain(&mut events).unwrap();
-    assert!(source.lost_events().unwrap() >= lost);
+    assert!(source.health().unwrap().lost >= lost);
 }
 
 #[test]
@@ -530,9 +532,12 @@ fn cleanup_removes_stale_instances_only() {
     require_root();
     let device = LoopDevice::new(16 << 20);
     let live_source = open_tracefs(&device.whole_target(), &tracefs_config(1 << 20)).expect("open");
-    // The counter part is our pid, so parallel test processes (which probe
-    // the same dead pid) make different names.
-    let stale_name = format!("{INSTANCE_PREFIX}{}-{}", dead_pid(), std::process::id());
+    // A dead pid of this boot and namespace. The counter part is our pid,
+    // so parallel test processes (which probe the same dead pid) make
+    // different names.
+    let mut identity = live::current_identity().expect("identity");
+    identity.pid = dead_pid();
+    let stale_name = InstanceName::format(&identity, u64::from(std::process::id()));
     let stale = Path::new(TRACEFS_ROOT).join("instances").join(&stale_name);
     fs::create_dir(&stale).expect("create a fake stale instance");
     let removed = cleanup_stale_instances();
@@ -546,8 +551,14 @@ fn cleanup_removes_stale_instances_only() {
     if !removed.contains(&stale_name) {
         eprintln!("{stale_name} was removed by a concurrent cleanup");
     }
-    // Our own live instance is untouched.
+    // Our own live instance is untouched, and still tracing.
     assert!(live_source.instance_path().is_dir());
+    assert_eq!(
+        fs::read_to_string(live_source.instance_path().join("tracing_on"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
     let own = live_source
         .instance_path()
         .file_name()
@@ -555,6 +566,83 @@ fn cleanup_removes_stale_instances_only() {
         .to_string_lossy()
         .into_owned();
     assert!(!removed.contains(&own));
+}
+
+/// A tracefs instance made by hand, removed on drop (with its events off
+/// first, should a test fail while they are on).
+struct HandMadeInstance {
+    path: PathBuf,
+}
+
+impl Drop for HandMadeInstance {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("events/block/block_bio_queue/enable"), "0");
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// A stale-looking instance (new-format name of this boot and pid
+/// namespace, a dead pid) with its cpu0 `trace_pipe_raw` held open, an
+/// event enabled and tracing on. Between `mkdir` and the `open` it really
+/// is stale, and a concurrent test's cleanup may remove it: then it is
+/// made again under another name.
+fn held_stale_instance(tag: u64) -> (HandMadeInstance, File) {
+    let mut identity = live::current_identity().expect("identity");
+    identity.pid = dead_pid();
+    for attempt in 0..20 {
+        // Counter: our pid, a tag and the attempt: unique among parallel
+        // tests and processes.
+        let counter = u64::from(std::process::id()) * 1000 + tag * 100 + attempt;
+        let instance = HandMadeInstance {
+            path: Path::new(TRACEFS_ROOT)
+                .join("instances")
+                .join(InstanceName::format(&identity, counter)),
+        };
+        fs::create_dir(&instance.path).expect("create the instance");
+        let Ok(pipe) = File::open(instance.path.join("per_cpu/cpu0/trace_pipe_raw")) else {
+            continue; // removed by a concurrent cleanup before we held it
+        };
+        fs::write(
+            instance.path.join("events/block/block_bio_queue/enable"),
+            "1",
+        )
+        .unwrap();
+        fs::write(instance.path.join("tracing_on"), "1").unwrap();
+        return (instance, pipe);
+    }
+    panic!("20 instances were removed by concurrent cleanups before they could be held");
+}
+
+/// An instance that looks stale (its pid is dead) but whose pipe some
+/// process reads is in use: the cleanup must neither remove it nor switch
+/// its tracing off. Once nothing holds it, the next cleanup removes it.
+#[test]
+fn cleanup_leaves_an_instance_in_use_alone_and_tracing() {
+    require_root();
+    let (instance, pipe) = held_stale_instance(1);
+    let name = instance
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+
+    let removed = cleanup_stale_instances().expect("cleanup");
+    assert!(!removed.contains(&name), "removed an instance in use");
+    assert!(instance.path.is_dir(), "{name} is gone");
+    let tracing_on = fs::read_to_string(instance.path.join("tracing_on")).unwrap();
+    assert_eq!(tracing_on.trim(), "1", "the cleanup switched tracing off");
+    let enable =
+        fs::read_to_string(instance.path.join("events/block/block_bio_queue/enable")).unwrap();
+    assert_eq!(enable.trim(), "1", "the cleanup disabled an event");
+
+    drop(pipe);
+    let removed = cleanup_stale_instances().expect("cleanup");
+    // A concurrent test process's cleanup may have been first.
+    assert!(
+        !instance.path.exists(),
+        "{name} survived a cleanup once nothing held it (removed: {removed:?})"
+    );
 }
 
 #[test]
@@ -697,7 +785,7 @@ fn every_write_under_load_is_seen() {
     source.sync_drain(&mut events).unwrap();
     let sync_time = t.elapsed();
     let counters = source.counters();
-    let lost = source.lost_events().unwrap();
+    let lost = source.health().unwrap().lost;
     let total: u64 = written.iter().sum();
     eprintln!(
         "{total} writes by {WRITERS} threads in {run_for:?} ({:.0}/s); {} events read, {} writes kept \
@@ -764,7 +852,8 @@ fn a_drain_after_a_write_returns_holds_its_events() {
         }
     }
     eprintln!("{writes} writes: {completion_after_sync} completions needed sync_drain");
-    assert_eq!(source.lost_events().unwrap(), 0);
+    let health = source.health().unwrap();
+    assert!(health.is_clean(), "{health}");
 }
 
 #[test]
@@ -817,7 +906,8 @@ fn read_syscalls_and_io_uring_drain_the_same_backlog() {
         let started = Instant::now();
         let stats = source.drain(&mut events).unwrap();
         let elapsed = started.elapsed();
-        assert_eq!(source.lost_events().unwrap(), 0);
+        let health = source.health().unwrap();
+        assert!(health.is_clean(), "{health}");
         assert_eq!(
             stats.writes_kept,
             2 * writers * per_writer,

@@ -174,15 +174,13 @@ pub enum Verdict {
     Unconverged { changed_bytes: u64 },
 }
 
-/// The event source lost events: the run cannot vouch for the image, which
-/// was left without a trailer.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the {source_name} trace lost {lost} write events ({kept} seen): some writes may be missing, so the image was ended without its END trailer; give the trace more buffer (e.g. -blktrace.bufsize 1048576 -blktrace.bufcount 64, now {buffer} per CPU) or image while the disk is less busy"
-)]
+/// The event source cannot vouch for every write (events lost, writes it
+/// cannot place, tracing changed from outside): the run cannot vouch for
+/// the image, which was left without a trailer. Exit status 4.
+#[derive(Debug)]
 pub struct EventsLost {
     pub source_name: &'static str,
-    pub lost: u64,
+    pub health: live::TraceHealth,
     pub kept: u64,
     pub buffer: Bytes,
 }
@@ -208,6 +206,32 @@ pub struct CompletionsMissing {
     pub waited: Duration,
     pub matched_total: u64,
 }
+
+impl std::fmt::Display for EventsLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} trace cannot vouch for every write ({} seen): {}; some writes may be missing, so the image was ended without its END trailer",
+            self.source_name, self.kept, self.health
+        )?;
+        if self.health.tampered.is_some() {
+            f.write_str("; leave tracing alone while imaging (do not run `trace-cmd reset` or change tracefs) and image again")?;
+        }
+        if self.health.unplaceable > 0 {
+            f.write_str("; stop the tool issuing passthrough commands while imaging (smartd, nvme-cli, sg3_utils, hdparm and the like; --freeze does not stop them) and image again")?;
+        }
+        if self.health.lost > 0 {
+            write!(
+                f,
+                "; give the trace more buffer (e.g. -blktrace.bufsize 1048576 -blktrace.bufcount 64, now {} per CPU) or image while the disk is less busy",
+                self.buffer
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for EventsLost {}
 
 /// What one run did, for `--stats-json` and the summary.
 #[derive(Clone, Debug, Serialize)]
@@ -444,6 +468,7 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         writer: Mutex::new(Some(writer)),
         stop: AtomicBool::new(false),
         lost: AtomicU64::new(0),
+        unclean: Mutex::new(None),
         started: Instant::now(),
         mounts,
         freeze_seconds: Mutex::new(None),
@@ -612,6 +637,8 @@ struct Run<'a> {
     /// Set on loss, signal or a pump error: the engine stops reading.
     stop: AtomicBool,
     lost: AtomicU64,
+    /// The last health check that was not clean (counts only grow).
+    unclean: Mutex<Option<live::TraceHealth>>,
     started: Instant,
     /// `--freeze`: what to freeze for the final round.
     mounts: Vec<Mount>,
@@ -938,20 +965,20 @@ impl Run<'_> {
         written.context("cannot write the image")
     }
 
-    /// Fails with [`EventsLost`] once the source has lost an event.
+    /// Fails with [`EventsLost`] once a health check of the source was not
+    /// clean.
     fn check_events(&self) -> anyhow::Result<()> {
         if let Some(completions) = *lock(&self.completions_missing) {
             return Err(self.no_completions(completions).into());
         }
-        let lost = self.lost.load(Ordering::SeqCst);
-        if lost == 0 {
+        let Some(health) = lock(&self.unclean).clone() else {
             return Ok(());
-        }
+        };
         let traced = lock(&self.traced);
         let source = &traced.source;
         Err(EventsLost {
             source_name: source.name(),
-            lost,
+            health,
             kept: source.counters().writes_kept,
             buffer: Bytes(self.options.source.buffer_bytes_per_cpu),
         }
@@ -1096,13 +1123,10 @@ impl Run<'_> {
     }
 
     fn update_lost(&self) -> anyhow::Result<()> {
-        let (lost, completions) = {
+        let (health, completions) = {
             let mut traced = lock(&self.traced);
-            let lost = traced
-                .source
-                .lost_events()
-                .context("cannot read the trace's loss counters")?;
-            (lost, traced.pending.completions(Instant::now()))
+            let health = traced.source.health().context("cannot check the trace")?;
+            (health, traced.pending.completions(Instant::now()))
         };
         if self.mounts.is_empty() && matches!(completions, Completions::Missing { .. }) {
             // No freeze can end this device's writes: the run cannot vouch
@@ -1110,8 +1134,9 @@ impl Run<'_> {
             *lock(&self.completions_missing) = Some(completions);
             self.stop.store(true, Ordering::SeqCst);
         }
-        if lost > 0 {
-            self.lost.store(lost, Ordering::SeqCst);
+        self.lost.store(health.lost, Ordering::SeqCst);
+        if !health.is_clean() {
+            *lock(&self.unclean) = Some(health);
             self.stop.store(true, Ordering::SeqCst);
         }
         Ok(())

@@ -145,6 +145,13 @@ impl Record<'_> {
         if categories & category::NOTIFY != 0 {
             return None;
         }
+        // A passthrough command (`blk_add_trace_rq` sets `BLK_TC_PC` for
+        // `blk_rq_is_passthrough` requests and reports sector 0): where it
+        // wrote is unknown, whatever its direction (NVMe Write Zeroes is
+        // `REQ_OP_DRV_IN`, a "read").
+        if categories & category::PC != 0 {
+            return Some(WriteKind::Passthrough);
+        }
         // Zone categories first: zone open and finish are "reads" by op number.
         if categories & category::ZONE_RESET_ALL != 0 {
             return Some(WriteKind::ZoneResetAll);
@@ -643,6 +650,20 @@ mod tests {
                 category::WRITE | category::ZONE_RESET_ALL,
                 Some((WriteKind::ZoneResetAll, Phase::Queue)),
             ),
+            // Passthrough, either direction (`REQ_OP_DRV_OUT` is a write,
+            // `REQ_OP_DRV_IN` a "read" that may write, e.g. NVMe Write Zeroes).
+            (
+                action::ISSUE,
+                category::WRITE | category::PC,
+                Some((WriteKind::Passthrough, Phase::Issue)),
+            ),
+            (
+                action::COMPLETE,
+                category::READ | category::PC,
+                Some((WriteKind::Passthrough, Phase::Complete)),
+            ),
+            // Its insertion repeats the issue.
+            (action::INSERT, category::WRITE | category::PC, None),
         ];
         for &(code, categories, expected) in cases {
             let record = Record {
@@ -720,6 +741,28 @@ mod tests {
         let progress = parse_write_events(&rest, &mut out, 16).unwrap();
         assert_eq!(progress.bytes_consumed, rest.len());
         assert_eq!((out[0].sector_first, out[0].sector_count), (2048, 128));
+    }
+
+    /// What `blk_add_trace_rq` writes for a passthrough write on 6.18:
+    /// `BLK_TC_PC` added to the action, sector `blk_rq_trace_sector` = 0,
+    /// bytes = the transfer, no pdu.
+    #[test]
+    fn passthrough_records_are_recognised() {
+        let pc_write = act(action::ISSUE, category::WRITE | category::PC);
+        let mut buf = record_v1(1, 10, 0, 4096, pc_write, 777, DEV_LOOP0, 0, 0, &[]);
+        // Byte-exact: the PC bit (1 << 9) sits at bit 25 of the action word.
+        assert_eq!(&buf[28..32], &(7u32 | (1 << 17) | (1 << 25)).to_ne_bytes());
+        assert_eq!(&buf[16..24], &0u64.to_ne_bytes());
+        buf.extend(queue_write(80, 4096));
+        let mut out = Vec::new();
+        let progress = parse_write_events(&buf, &mut out, 16).unwrap();
+        assert_eq!(progress.events_write, 2);
+        assert_eq!(
+            (out[0].kind, out[0].phase, out[0].pid, out[0].sector_first),
+            (WriteKind::Passthrough, Phase::Issue, 777, 0)
+        );
+        assert!(!out[0].kind.range_is_exact());
+        assert_eq!(out[1].kind, WriteKind::Write);
     }
 
     #[test]

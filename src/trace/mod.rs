@@ -112,6 +112,18 @@ pub enum WriteKind {
     Other,
     /// Letters or categories this code does not know; counted as a write.
     Unknown,
+    /// A passthrough command (SG_IO, an NVMe ioctl, io_uring `uring_cmd`):
+    /// the driver executes a command the block layer does not interpret, so
+    /// the event carries no usable range. tracefs: `N` at sector
+    /// `(sector_t)-1` (`block_rq_complete` takes `blk_rq_pos`, and a
+    /// passthrough request keeps the `-1` `blk_mq_alloc_request` gave it) or
+    /// `N` with 0 sectors (`block_rq_issue` takes `blk_rq_trace_sector` and
+    /// `blk_rq_trace_nr_sectors`, 0 for passthrough); blktrace: a record with
+    /// the `PC` category, at sector 0 (`blk_add_trace_rq`). Direction does
+    /// not help: NVMe Write Zeroes (opcode 0x08) is `REQ_OP_DRV_IN`, the
+    /// "read" direction (`nvme_req_op`). Such a write cannot be re-read, so
+    /// a consumer must not widen it: the run cannot vouch for its image.
+    Passthrough,
 }
 
 impl WriteKind {
@@ -123,7 +135,10 @@ impl WriteKind {
     pub fn range_is_exact(self) -> bool {
         !matches!(
             self,
-            WriteKind::ZoneReset | WriteKind::ZoneResetAll | WriteKind::ZoneManagement
+            WriteKind::ZoneReset
+                | WriteKind::ZoneResetAll
+                | WriteKind::ZoneManagement
+                | WriteKind::Passthrough
         )
     }
 }
@@ -323,6 +338,7 @@ mod tests {
         assert!(WriteKind::Discard.range_is_exact());
         assert!(!WriteKind::ZoneReset.range_is_exact());
         assert!(!WriteKind::ZoneResetAll.range_is_exact());
+        assert!(!WriteKind::Passthrough.range_is_exact());
     }
 
     #[test]

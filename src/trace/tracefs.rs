@@ -49,6 +49,9 @@ pub const PAGE_HEADER_BYTES_MAX: usize = 4096;
 /// Longest `rwbs` array we decode; 10 on 6.18 (`RWBS_LEN`), 8 on older kernels.
 pub const RWBS_BYTES_MAX: usize = 16;
 
+/// Longest `comm` array we decode (`TASK_COMM_LEN`, 16).
+pub const COMM_BYTES_MAX: usize = 16;
+
 /// Bytes of the event header word.
 const EVENT_HEADER_BYTES: usize = 4;
 /// Bytes of one `array[]` word.
@@ -75,6 +78,7 @@ const TS_MSB: u64 = 0xf8 << 56;
 const _: () = assert!(TYPE_LEN_BITS + TIME_DELTA_BITS == 32);
 const _: () = assert!(TYPE_LEN_DATA_MAX < TYPE_PADDING);
 const _: () = assert!(RWBS_BYTES_MAX <= u8::MAX as usize);
+const _: () = assert!(COMM_BYTES_MAX <= u8::MAX as usize);
 
 // ---------------------------------------------------------------------------
 // Field lines, shared by format files and header_page.
@@ -866,6 +870,52 @@ impl fmt::Debug for Rwbs {
     }
 }
 
+impl fmt::Display for Rwbs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+/// The `comm` of an event (the current task's name, `TASK_COMM_LEN` bytes),
+/// without the trailing NULs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm {
+    bytes: [u8; COMM_BYTES_MAX],
+    length: u8,
+}
+
+impl Comm {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.length)]
+    }
+
+    fn from_field(field: &[u8]) -> Comm {
+        let length = field
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(field.len())
+            .min(COMM_BYTES_MAX);
+        let mut bytes = [0; COMM_BYTES_MAX];
+        bytes[..length].copy_from_slice(&field[..length]);
+        Comm {
+            bytes,
+            length: length as u8,
+        }
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
 /// A decoded block tracepoint record, reads and flushes included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockEvent {
@@ -876,6 +926,11 @@ pub struct BlockEvent {
     pub rwbs: Rwbs,
     /// `common_pid`: the task current when the event fired.
     pub pid: u32,
+    /// The `comm` field (`block_bio_queue`, `block_rq_issue`): the name of
+    /// the task current when the event fired. `None` for events without one
+    /// (completions: they run in interrupt context, so neither their pid
+    /// nor a name would say who wrote).
+    pub comm: Option<Comm>,
     /// The `error` field of completions (negative errno); 0 where absent.
     pub error: i32,
     pub timestamp_ns: u64,
@@ -883,8 +938,21 @@ pub struct BlockEvent {
 
 impl BlockEvent {
     /// What kind of write this is; `None` for reads and data-less flushes.
+    /// An `N` operation without a usable range is a passthrough command
+    /// ([`WriteKind::Passthrough`]): sector `(sector_t)-1` at completion,
+    /// 0 sectors at issue (see there). Write-zeroes, the other `N`, always
+    /// carries its range.
     pub fn write_kind(&self) -> Option<WriteKind> {
-        classify_rwbs(self.rwbs.as_bytes())
+        let kind = classify_rwbs(self.rwbs.as_bytes())?;
+        if kind == WriteKind::Other && (self.sector_first == u64::MAX || self.sector_count == 0) {
+            return Some(WriteKind::Passthrough);
+        }
+        Some(kind)
+    }
+
+    /// Whether this is a passthrough command's event.
+    pub fn is_passthrough(&self) -> bool {
+        self.write_kind() == Some(WriteKind::Passthrough)
     }
 
     /// The write this event reports, if it reports one.
@@ -926,6 +994,7 @@ struct EventDecoder {
     sector: FieldSpan,
     nr_sector: FieldSpan,
     rwbs: FieldSpan,
+    comm: Option<FieldSpan>,
     error: Option<FieldSpan>,
     payload_bytes_min: usize,
 }
@@ -969,6 +1038,12 @@ pub struct PageSummary {
     pub events_block: usize,
     /// Write events appended to the output.
     pub events_write: usize,
+    /// Passthrough events on the page ([`WriteKind::Passthrough`]; also
+    /// appended to the output, as writes).
+    pub events_passthrough: usize,
+    /// The passthrough event that best names its submitter: the first one
+    /// with a `comm` (an issue event), else the first one.
+    pub first_passthrough: Option<BlockEvent>,
 }
 
 /// Decodes the block tracepoints' payloads using their format files.
@@ -1066,6 +1141,8 @@ impl BlockDecoder {
             events_total: 0,
             events_block: 0,
             events_write: 0,
+            events_passthrough: 0,
+            first_passthrough: None,
         };
         for event in events {
             let event = event?;
@@ -1075,6 +1152,16 @@ impl BlockDecoder {
             };
             summary.events_block += 1;
             if let Some(write) = block.write_event(cpu) {
+                if write.kind == WriteKind::Passthrough {
+                    summary.events_passthrough += 1;
+                    let better = match &summary.first_passthrough {
+                        None => true,
+                        Some(first) => first.comm.is_none() && block.comm.is_some(),
+                    };
+                    if better {
+                        summary.first_passthrough = Some(block);
+                    }
+                }
                 out.push(write);
                 summary.events_write += 1;
             }
@@ -1128,12 +1215,32 @@ impl EventDecoder {
             offset_bytes: rwbs_field.offset_bytes,
             size_bytes: rwbs_field.size_bytes,
         };
+        let comm = match format.field("comm") {
+            None => None,
+            Some(found)
+                if found.size_bytes == 0
+                    || found.size_bytes > COMM_BYTES_MAX
+                    || found.is_dynamic =>
+            {
+                return Err(DecoderError::FieldSize {
+                    event,
+                    field: "comm",
+                    size_bytes: found.size_bytes,
+                    expected: "1 to 16 (char array)",
+                });
+            }
+            Some(found) => Some(FieldSpan {
+                offset_bytes: found.offset_bytes,
+                size_bytes: found.size_bytes,
+            }),
+        };
         let payload_bytes_min = [
             Some(pid),
             Some(dev),
             Some(sector),
             Some(nr_sector),
             Some(rwbs),
+            comm,
             error,
         ]
         .into_iter()
@@ -1150,6 +1257,7 @@ impl EventDecoder {
             sector,
             nr_sector,
             rwbs,
+            comm,
             error,
             payload_bytes_min,
         })
@@ -1178,6 +1286,14 @@ impl EventDecoder {
         let rwbs_bytes = payload
             .get(self.rwbs.offset_bytes..self.rwbs.end_bytes())
             .ok_or_else(too_short)?;
+        let comm = match self.comm {
+            Some(span) => Some(Comm::from_field(
+                payload
+                    .get(span.offset_bytes..span.end_bytes())
+                    .ok_or_else(too_short)?,
+            )),
+            None => None,
+        };
         Ok(BlockEvent {
             event_type: self.event_type,
             dev: DevT(dev),
@@ -1185,6 +1301,7 @@ impl EventDecoder {
             sector_count,
             rwbs: Rwbs::from_field(rwbs_bytes),
             pid,
+            comm,
             error,
             timestamp_ns: event.timestamp_ns,
         })

@@ -23,11 +23,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::integrity::{self, Watched};
 use super::reader::{PipeReader, ReadMethod, ReadResult};
 use super::sys::{self, io_error};
-use super::{DrainStats, EventSource, LiveError, SourceConfig, SourceCounters, TraceTarget};
-use crate::trace::WriteEvent;
+use super::{
+    Clipped, DrainStats, EventSource, LiveError, SourceConfig, SourceCounters, TraceHealth,
+    TraceTarget, Unplaceable, UnplaceableLog,
+};
 use crate::trace::blktrace::{BlktraceError, HEADER_BYTES_V1, RECORD_BYTES_MAX, category, records};
+use crate::trace::{Phase, WriteEvent};
 
 /// Where debugfs is usually mounted (a private mount is used if it is not).
 const DEBUGFS_ROOT: &str = "/sys/kernel/debug";
@@ -125,6 +129,10 @@ pub struct BlktraceSource {
     last_sequence: Vec<Option<u32>>,
     /// Records out of sequence and unparsable streams: events lost.
     stream_breaks: u64,
+    unplaceable: UnplaceableLog,
+    /// `/sys/block/DISK/trace/*` as read back after `BLKTRACESTART`.
+    watched: Vec<Watched>,
+    watch_buf: Vec<u8>,
     counters: SourceCounters,
     active: Vec<Option<usize>>,
     text_buf: Box<[u8]>,
@@ -260,8 +268,13 @@ pub fn open_blktrace(
     let mut setup = BlkUserTraceSetup {
         name: [0; 32],
         // Every operation the kernel counts as a write (op number odd):
-        // writes, discards, secure erases, write-zeroes, zone appends and resets.
-        act_mask: category::WRITE as u16,
+        // writes, discards, secure erases, write-zeroes, zone appends and
+        // resets; and every passthrough command, whatever its direction
+        // (`act_log_check` keeps a record if any of its categories is in
+        // the mask; `blk_add_trace_rq` adds `BLK_TC_PC` to passthrough
+        // requests, and a `REQ_OP_DRV_IN` one such as NVMe Write Zeroes
+        // carries `READ`, not `WRITE`), so they are counted as unplaceable.
+        act_mask: (category::WRITE | category::PC) as u16,
         buf_size: SUBBUF_BYTES as u32,
         buf_nr: subbuf_count as u32,
         // 0..0 is the whole disk. The kernel filters on a record's first
@@ -333,6 +346,16 @@ pub fn open_blktrace(
         )
     })?;
     session.started = true;
+    // sysfs shows the session while it exists (`sysfs_blk_trace_attr_show`:
+    // `enable` is 1 while the queue has a blk_trace, `act_mask` and the LBA
+    // range as set up); a teardown by another tool (`blktrace -k`) or a
+    // write to these files changes them. A bare BLKTRACESTOP by another
+    // process leaves them as they are: not detectable here.
+    let sysfs_dir = PathBuf::from(format!("/sys/block/{name}/trace"));
+    let mut watched = vec![Watched::expect(sysfs_dir.join("enable"), "1")?];
+    for file in ["act_mask", "start_lba", "end_lba", "pid"] {
+        watched.push(Watched::record(sysfs_dir.join(file))?);
+    }
 
     Ok(BlktraceSource {
         reader,
@@ -345,6 +368,9 @@ pub fn open_blktrace(
         carry_bytes: vec![0; slots],
         last_sequence: vec![None; slots],
         stream_breaks: 0,
+        unplaceable: UnplaceableLog::default(),
+        watched,
+        watch_buf: Vec::with_capacity(256),
         counters: SourceCounters::default(),
         active: vec![None; slots],
         text_buf: vec![0; 64].into_boxed_slice(),
@@ -366,6 +392,18 @@ impl BlktraceSource {
         let total = self.carry_bytes[slot] + new_bytes;
         let buf = &self.reader.buffer(slot)[..total];
         let decoded = decode_relay(buf, &self.target, &mut self.last_sequence[slot], out);
+        if decoded.unplaceable > 0 {
+            let seen = decoded.first_unplaceable.map(|event| {
+                // The record has no task name; the issuing task may still
+                // run (a daemon such as smartd does).
+                let comm = (event.phase != Phase::Complete)
+                    .then(|| fs::read_to_string(format!("/proc/{}/comm", event.pid)).ok())
+                    .flatten()
+                    .map(|comm| format!("{}, as named now", comm.trim()));
+                Unplaceable::from_event(&event, "PC".to_string(), comm)
+            });
+            self.unplaceable.note(decoded.unplaceable, seen);
+        }
         stats.events_read += decoded.records;
         stats.writes_kept += decoded.writes_kept;
         stats.pages_read += 1;
@@ -398,6 +436,11 @@ struct RelayDecode {
     writes_kept: u64,
     /// Records whose sequence number did not follow the previous one's.
     sequence_breaks: u64,
+    /// Passthrough (`PC`) records of the disk: writes with no usable range.
+    unplaceable: u64,
+    /// The first of them, preferring an issue (whose pid is the submitter)
+    /// over a completion.
+    first_unplaceable: Option<WriteEvent>,
     /// Where parsing stopped on garbage, if it did.
     error: Option<BlktraceError>,
 }
@@ -416,6 +459,8 @@ fn decode_relay(
         records: 0,
         writes_kept: 0,
         sequence_breaks: 0,
+        unplaceable: 0,
+        first_unplaceable: None,
         error: None,
     };
     let mut iter = records(buf);
@@ -442,11 +487,25 @@ fn decode_relay(
             }
             *last_sequence = Some(record.sequence);
         }
-        if let Some(event) = record.write_event()
-            && let Some(event) = target.clip(&event)
-        {
-            out.push(event);
-            decoded.writes_kept += 1;
+        let Some(event) = record.write_event() else {
+            continue;
+        };
+        match target.clip(&event) {
+            Clipped::Write(event) => {
+                out.push(event);
+                decoded.writes_kept += 1;
+            }
+            Clipped::Unplaceable => {
+                decoded.unplaceable += 1;
+                let better = match &decoded.first_unplaceable {
+                    None => true,
+                    Some(first) => first.phase == Phase::Complete && event.phase != Phase::Complete,
+                };
+                if better {
+                    decoded.first_unplaceable = Some(event);
+                }
+            }
+            Clipped::Outside => {}
         }
     }
     decoded.consumed = iter.bytes_consumed();
@@ -512,7 +571,12 @@ impl EventSource for BlktraceSource {
         Ok(stats)
     }
 
-    fn lost_events(&mut self) -> Result<u64, LiveError> {
+    /// Loss: the relay's `dropped` counter and broken record sequences.
+    /// Unplaceable: passthrough (`PC`) records. Tampering: the disk's
+    /// `trace/` sysfs files. A CPU that came online after the start has a
+    /// relay file this source does not read (relay creates it then,
+    /// `relay_prepare_cpu`): an error, not a loss count.
+    fn health(&mut self) -> Result<TraceHealth, LiveError> {
         let text = sys::pread_text(&self.dropped_file, &self.dropped_path, &mut self.text_buf)?;
         let dropped: u64 = text.trim().parse().map_err(|_| LiveError::Parse {
             path: self.dropped_path.clone(),
@@ -520,8 +584,15 @@ impl EventSource for BlktraceSource {
         })?;
         let lost = dropped + self.stream_breaks;
         self.counters.lost_events = lost;
-        sys::check_no_cpu_came_online(&self.cpus)?;
-        Ok(lost)
+        if let Some(cpu) = sys::cpu_not_read(&sys::online_cpus()?, &self.cpus) {
+            return Err(LiveError::CpuOnline { cpu });
+        }
+        Ok(TraceHealth {
+            lost,
+            unplaceable: self.unplaceable.count,
+            first_unplaceable: self.unplaceable.first.clone(),
+            tampered: integrity::check_all(&self.watched, &mut self.watch_buf),
+        })
     }
 
     fn counters(&self) -> SourceCounters {
@@ -639,6 +710,36 @@ mod tests {
         assert_eq!(decoded.records, 4);
         assert_eq!(decoded.sequence_breaks, 1);
         assert_eq!(last, Some(3));
+    }
+
+    #[test]
+    fn relay_passthrough_records_are_unplaceable_not_widened() {
+        // PC completion first (pid meaningless), then its issue (the
+        // submitter's pid), then an ordinary write in the partition.
+        let mut buf = record(
+            1,
+            0,
+            4096,
+            action::COMPLETE,
+            category::WRITE | category::PC | category::COMPLETE,
+        );
+        buf.extend(record(
+            2,
+            0,
+            4096,
+            action::ISSUE,
+            category::READ | category::PC | category::ISSUE,
+        ));
+        buf.extend(queue_write(3, 2049 + 8, 8));
+        let mut last = None;
+        let mut out = Vec::new();
+        let decoded = decode_relay(&buf, &partition(), &mut last, &mut out);
+        assert_eq!(decoded.records, 3);
+        assert_eq!(decoded.unplaceable, 2);
+        let first = decoded.first_unplaceable.unwrap();
+        assert_eq!((first.phase, first.pid), (Phase::Issue, 42));
+        assert_eq!(decoded.writes_kept, 1);
+        assert_eq!((out[0].sector_first, out[0].sector_count), (8, 8));
     }
 
     #[test]

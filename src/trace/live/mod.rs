@@ -51,7 +51,7 @@
 //!
 //! The tracefs instance runs with `options/overwrite` = 0: when a CPU's buffer
 //! is full the kernel drops the *new* event and counts it in `dropped events`
-//! of `per_cpu/cpuN/stats`. [`EventSource::lost_events`] also adds `overrun`
+//! of `per_cpu/cpuN/stats`. [`EventSource::health`] also adds `overrun`
 //! and `commit overrun` (should overwrite ever be on) and the `RB_MISSED_EVENTS`
 //! flags of the pages read, plus pages that could not be parsed. blktrace
 //! counts its drops in `/sys/kernel/debug/block/DEV/dropped`; the source adds
@@ -59,8 +59,33 @@
 //! the kernel was still writing it: a relay reader can see a reserved record
 //! before it is filled) and streams it could not parse. Any loss means a
 //! write may have been missed: the run cannot vouch for the image.
+//!
+//! # Health
+//!
+//! Loss is one of three things [`EventSource::health`] reports; any of them
+//! ends the run without a trailer (exit 4):
+//!
+//! - lost events (above);
+//! - writes the trace cannot place: passthrough commands
+//!   ([`WriteKind::Passthrough`], see [`TraceTarget::clip`] for why they are
+//!   not widened), with the best-named one (pid and comm of an issue event);
+//! - tampering: the trace's control files (tracefs: `tracing_on`, each
+//!   event's `enable` and `filter`, buffer size and mode, CPU mask, pid
+//!   filters, clock; blktrace: `/sys/block/DISK/trace/*`) no longer read as
+//!   they did right after setup, or the instance is gone. Such a change moves
+//!   no loss counter (`echo 0 > tracing_on`, `trace-cmd reset`), so it has to
+//!   be looked for.
+//!
+//! # CPUs
+//!
+//! The tracefs source reads every *possible* CPU, so a CPU that comes online
+//! and goes offline between two drains cannot take unread events with it
+//! (see `PipeRead::NoBufferYet` in tracefs.rs for the kernel's behaviour).
+//! blktrace's relay files exist only for CPUs online since setup; a CPU that
+//! comes online later is an error ([`LiveError::CpuOnline`]).
 
 mod blktrace;
+mod integrity;
 mod reader;
 mod sys;
 mod tracefs;
@@ -72,12 +97,23 @@ use std::str::FromStr;
 
 use super::blktrace::BlktraceError;
 use super::tracefs::PageError;
-use super::{DevT, WriteEvent, WriteKind};
+use super::{DevT, Phase, WriteEvent, WriteKind};
 
 pub use blktrace::{BlktraceSource, open_blktrace};
 pub use tracefs::{
-    INSTANCE_PREFIX, TRACEFS_ROOT, TracefsSource, cleanup_stale_instances, open_tracefs,
+    INSTANCE_PREFIX, Identity, InstanceName, StaleAction, TRACEFS_ROOT, TracefsSource,
+    cleanup_stale_instances, open_tracefs, stale_action,
 };
+
+/// This process's [`Identity`] (pid, boot id, pid namespace), as instance
+/// names carry it; for tests and tools that need to name an instance.
+pub fn current_identity() -> Result<Identity, LiveError> {
+    Ok(Identity {
+        pid: std::process::id(),
+        boot: sys::boot_id()?,
+        pid_namespace: sys::pid_namespace()?,
+    })
+}
 
 /// Which kernel interface to read write events from (`--event-source`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -160,46 +196,227 @@ impl TraceTarget {
     }
 
     /// Translates a disk event to the target's own sectors (0 = the first
-    /// sector of the range), clipped to the range; `None` if it is not a write
-    /// to the range.
+    /// sector of the range), clipped to the range.
     ///
-    /// - Another device, or a range entirely outside: `None`.
+    /// - Another device, or a range entirely outside: [`Clipped::Outside`].
     /// - An exact range of 0 sectors (an empty preflush write `FWS 0 + 0`, the
-    ///   data-less completion after an emulated FUA): `None`, no data.
-    /// - A range the event does not describe (zone management, which reports
-    ///   the zone start and 0 sectors; an `N` operation of 0 sectors, which is
-    ///   what a passthrough command such as `SG_IO` looks like): widened to
-    ///   the whole target. Conservative: the block layer cannot tell us what
-    ///   such a command changed.
+    ///   data-less completion after an emulated FUA): `Outside`, no data.
+    /// - A passthrough command on the disk ([`WriteKind::Passthrough`]: `N`
+    ///   at sector `u64::MAX` or with 0 sectors, blktrace `PC`), wherever it
+    ///   claims to be: [`Clipped::Unplaceable`]. Widening it to the whole
+    ///   range, as this did before, does not make the image right: a
+    ///   passthrough request is invisible to `/sys/block/DEV/inflight`
+    ///   (`blk_mq_check_inflight` counts only `RQF_IO_STAT` requests, and
+    ///   `blk_account_io_start` never sets it on passthrough), it has
+    ///   no queue event at submission (it never passes `submit_bio`), so a
+    ///   final round can neither wait for it nor see it coming, and the
+    ///   block layer cannot say whether it wrote this disk's data at all
+    ///   (an NVMe Format or a vendor command may change everything).
+    /// - Zone management (reset, open, close, finish: the zone start and 0
+    ///   sectors): widened to the whole target. These are ordinary block
+    ///   requests: queued through `submit_bio` (so `block_bio_queue` reports
+    ///   them before they run) and counted in flight like any write, so the
+    ///   catch-up re-reads the range after they complete; only their extent
+    ///   is unknown here (no zone size), and they are rare (the filesystem of
+    ///   a zoned disk issues them). A consumer that knows the zone size could
+    ///   narrow them.
     /// - A range that overflows `u64` is clipped at `u64::MAX` first.
-    pub fn clip(&self, event: &WriteEvent) -> Option<WriteEvent> {
+    pub fn clip(&self, event: &WriteEvent) -> Clipped {
         if event.dev != self.disk {
-            return None;
+            return Clipped::Outside;
         }
-        let unbounded = !event.kind.range_is_exact()
-            || (event.sector_count == 0
-                && matches!(event.kind, WriteKind::Other | WriteKind::Unknown));
-        if unbounded {
-            return Some(WriteEvent {
+        if event.kind == WriteKind::Passthrough {
+            return Clipped::Unplaceable;
+        }
+        if !event.kind.range_is_exact() {
+            return Clipped::Write(WriteEvent {
                 sector_first: 0,
                 sector_count: self.sector_count,
                 ..*event
             });
         }
         if event.sector_count == 0 {
-            return None;
+            return Clipped::Outside;
         }
         let event_end = event.sector_end().unwrap_or(u64::MAX);
         let first = event.sector_first.max(self.sector_first);
         let end = event_end.min(self.sector_end());
         if first >= end {
-            return None;
+            return Clipped::Outside;
         }
-        Some(WriteEvent {
+        Clipped::Write(WriteEvent {
             sector_first: first - self.sector_first,
             sector_count: end - first,
             ..*event
         })
+    }
+}
+
+/// What [`TraceTarget::clip`] made of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clipped {
+    /// Not a write to the range (another device, outside, no data).
+    Outside,
+    /// A write to the range, in target-relative sectors.
+    Write(WriteEvent),
+    /// A write to the disk whose range the trace cannot give: counted, and
+    /// the run cannot vouch for its image.
+    Unplaceable,
+}
+
+impl Clipped {
+    /// The write, if it is one to the range.
+    pub fn write(self) -> Option<WriteEvent> {
+        match self {
+            Clipped::Write(event) => Some(event),
+            Clipped::Outside | Clipped::Unplaceable => None,
+        }
+    }
+}
+
+/// The first write a source could not place, for the message that ends
+/// the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unplaceable {
+    /// The submitting task, where the event names it (a queue or issue
+    /// event); `None` for a completion, whose pid is whatever task the
+    /// interrupt found running.
+    pub pid: Option<u32>,
+    /// The submitting task's name, where known.
+    pub comm: Option<String>,
+    /// tracefs `rwbs` letters, or `PC` and the direction for blktrace.
+    pub rwbs: String,
+    /// The sector the event reported (`u64::MAX` for a tracefs completion).
+    pub sector: u64,
+    pub cpu: u32,
+    pub phase: Phase,
+}
+
+impl Unplaceable {
+    /// From an event [`TraceTarget::clip`] called unplaceable, with the
+    /// task name if the event carried one.
+    pub fn from_event(event: &WriteEvent, rwbs: String, comm: Option<String>) -> Unplaceable {
+        let submitter = event.phase != Phase::Complete;
+        Unplaceable {
+            pid: submitter.then_some(event.pid),
+            comm: if submitter { comm } else { None },
+            rwbs,
+            sector: event.sector_first,
+            cpu: event.cpu,
+            phase: event.phase,
+        }
+    }
+
+    /// Whether this one names its submitter better than `other`.
+    fn names_more_than(&self, other: &Unplaceable) -> bool {
+        let rank = |u: &Unplaceable| u8::from(u.pid.is_some()) + u8::from(u.comm.is_some());
+        rank(self) > rank(other)
+    }
+}
+
+impl fmt::Display for Unplaceable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phase = match self.phase {
+            Phase::Queue => "queued",
+            Phase::Issue => "issued",
+            Phase::Complete => "completed",
+        };
+        match (self.pid, &self.comm) {
+            (Some(pid), Some(comm)) => write!(f, "by pid {pid} ({comm})")?,
+            (Some(pid), None) => write!(f, "by pid {pid}")?,
+            (None, _) => f.write_str("by an unknown process (only its completion was seen)")?,
+        }
+        let sector = if self.sector == u64::MAX {
+            "-1".to_string()
+        } else {
+            self.sector.to_string()
+        };
+        write!(
+            f,
+            ", {phase} on CPU {} as `{}` at sector {sector}",
+            self.cpu, self.rwbs
+        )
+    }
+}
+
+/// Unplaceable writes seen so far: a count and the best-named one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnplaceableLog {
+    pub count: u64,
+    pub first: Option<Unplaceable>,
+}
+
+impl UnplaceableLog {
+    /// Counts `count` unplaceable writes, of which `seen` is one, and keeps
+    /// `seen` if it names its submitter better than the one kept (an issue
+    /// event's pid and comm beat a completion's nothing).
+    pub fn note(&mut self, count: u64, seen: Option<Unplaceable>) {
+        self.count += count;
+        let Some(seen) = seen else {
+            return;
+        };
+        let better = match &self.first {
+            None => true,
+            Some(first) => seen.names_more_than(first),
+        };
+        if better {
+            self.first = Some(seen);
+        }
+    }
+}
+
+/// Whether a source's trace can still vouch for every write: see
+/// [`EventSource::health`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceHealth {
+    /// Events lost (buffer full, torn records, unparsable pages).
+    pub lost: u64,
+    /// Write events whose range the trace cannot give (passthrough).
+    pub unplaceable: u64,
+    pub first_unplaceable: Option<Unplaceable>,
+    /// What changed in the trace's setup since it started, if anything did
+    /// (tracing switched off, an event disabled, a filter replaced, the
+    /// instance removed): a sentence naming the file and both values.
+    pub tampered: Option<String>,
+}
+
+impl TraceHealth {
+    /// Nothing lost, nothing unplaceable, nothing changed.
+    pub fn is_clean(&self) -> bool {
+        self.lost == 0 && self.unplaceable == 0 && self.tampered.is_none()
+    }
+}
+
+impl fmt::Display for TraceHealth {
+    /// What went wrong, one clause per problem, joined by "; "; "clean" if
+    /// nothing did.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_clean() {
+            return f.write_str("clean");
+        }
+        let mut separator = "";
+        if let Some(tampered) = &self.tampered {
+            write!(
+                f,
+                "tracing was changed from outside: {tampered} (another tool, e.g. `trace-cmd reset` or a script writing to tracefs, switched tracing off or changed what it records)"
+            )?;
+            separator = "; ";
+        }
+        if self.unplaceable > 0 {
+            write!(
+                f,
+                "{separator}{} write(s) the trace cannot place: passthrough commands (SG_IO, NVMe ioctls or io_uring passthrough, which bypass the block layer's sector accounting)",
+                self.unplaceable
+            )?;
+            if let Some(first) = &self.first_unplaceable {
+                write!(f, ", the first {first}")?;
+            }
+            separator = "; ";
+        }
+        if self.lost > 0 {
+            write!(f, "{separator}lost {} write events", self.lost)?;
+        }
+        Ok(())
     }
 }
 
@@ -240,7 +457,7 @@ pub struct SourceCounters {
     pub events_read: u64,
     pub writes_kept: u64,
     pub pages_read: u64,
-    /// As of the last [`EventSource::lost_events`] call.
+    /// As of the last [`EventSource::health`] call.
     pub lost_events: u64,
 }
 
@@ -279,9 +496,13 @@ pub trait EventSource: Send {
         self.drain(out)
     }
 
-    /// Events lost so far. Any non-zero value means the run cannot promise
-    /// that it saw every write.
-    fn lost_events(&mut self) -> Result<u64, LiveError>;
+    /// Whether the trace still sees every write: events lost so far,
+    /// writes it could not place (passthrough commands), and whether its
+    /// setup was changed from outside since it started (see each source).
+    /// Anything but [`TraceHealth::is_clean`] means the run cannot promise
+    /// that its image holds every write. Cheap enough to call every 100 ms:
+    /// a few small reads of tracefs or sysfs files.
+    fn health(&mut self) -> Result<TraceHealth, LiveError>;
 
     /// Counts since the start.
     fn counters(&self) -> SourceCounters;
@@ -327,7 +548,9 @@ pub enum LiveError {
     Relay { cpu: u32, error: BlktraceError },
     #[error("{op} failed: {error}")]
     Uring { op: &'static str, error: io::Error },
-    #[error("CPU {cpu} came online after tracing started; its events are not read")]
+    #[error(
+        "CPU {cpu} came online after blktrace started; its relay file is not read, so its events are lost (the tracefs source reads every possible CPU: use --event-source tracefs)"
+    )]
     CpuOnline { cpu: u32 },
     #[error("no write-event source could start: blktrace: {blktrace}; tracefs: {tracefs}")]
     NoSource {
@@ -394,8 +617,8 @@ mod tests {
         }
     }
 
-    fn range(event: Option<WriteEvent>) -> Option<(u64, u64)> {
-        event.map(|e| (e.sector_first, e.sector_count))
+    fn range(clipped: Clipped) -> Option<(u64, u64)> {
+        clipped.write().map(|e| (e.sector_first, e.sector_count))
     }
 
     #[test]
@@ -422,16 +645,29 @@ mod tests {
         let target = partition();
         let mut other = event(2049, 8, WriteKind::Write);
         other.dev = DevT(DISK.0 + 1);
-        assert_eq!(target.clip(&other), None);
+        assert_eq!(target.clip(&other), Clipped::Outside);
         // An empty preflush write carries no data.
-        assert_eq!(target.clip(&event(0, 0, WriteKind::Write)), None);
-        assert_eq!(target.clip(&event(3000, 0, WriteKind::Discard)), None);
+        assert_eq!(
+            target.clip(&event(0, 0, WriteKind::Write)),
+            Clipped::Outside
+        );
+        assert_eq!(
+            target.clip(&event(3000, 0, WriteKind::Discard)),
+            Clipped::Outside
+        );
         // The flush request's sector, should one ever get here.
-        assert_eq!(target.clip(&event(u64::MAX, 0, WriteKind::Write)), None);
+        assert_eq!(
+            target.clip(&event(u64::MAX, 0, WriteKind::Write)),
+            Clipped::Outside
+        );
+        // A passthrough command on another disk is not ours.
+        let mut other = event(u64::MAX, 8, WriteKind::Passthrough);
+        other.dev = DevT(DISK.0 + 1);
+        assert_eq!(target.clip(&other), Clipped::Outside);
     }
 
     #[test]
-    fn clip_widens_unknown_ranges() {
+    fn clip_widens_zone_management() {
         let target = partition();
         for kind in [
             WriteKind::ZoneReset,
@@ -440,11 +676,20 @@ mod tests {
         ] {
             assert_eq!(range(target.clip(&event(4096, 0, kind))), Some((0, 10_000)));
         }
-        // Passthrough: N with no sectors.
-        assert_eq!(
-            range(target.clip(&event(0, 0, WriteKind::Other))),
-            Some((0, 10_000))
-        );
+    }
+
+    #[test]
+    fn clip_calls_passthrough_unplaceable_wherever_it_claims_to_be() {
+        let target = partition();
+        // Completion at (sector_t)-1, issue at 0 (before the partition),
+        // blktrace PC at 0 with bytes, and one claiming a sector inside.
+        for (sector, count) in [(u64::MAX, 8), (u64::MAX, 0), (0, 0), (0, 8), (2100, 8)] {
+            assert_eq!(
+                target.clip(&event(sector, count, WriteKind::Passthrough)),
+                Clipped::Unplaceable,
+                "{sector} + {count}"
+            );
+        }
         // Write-zeroes reported as N with a range is exact.
         assert_eq!(
             range(target.clip(&event(3000, 8, WriteKind::Other))),
@@ -457,7 +702,7 @@ mod tests {
         let mut original = event(2049 + 8, 8, WriteKind::Discard);
         original.phase = Phase::Complete;
         original.error = -5;
-        let clipped = partition().clip(&original).unwrap();
+        let clipped = partition().clip(&original).write().unwrap();
         assert_eq!(
             clipped,
             WriteEvent {
@@ -499,6 +744,69 @@ mod tests {
             no_device.check(),
             Err(LiveError::InvalidTarget(_))
         ));
+    }
+
+    fn unplaceable(phase: Phase, comm: Option<&str>) -> Unplaceable {
+        let mut seen = event(u64::MAX, 0, WriteKind::Passthrough);
+        seen.phase = phase;
+        seen.pid = 4321;
+        Unplaceable::from_event(&seen, "N".to_string(), comm.map(str::to_string))
+    }
+
+    #[test]
+    fn a_completion_names_nobody_and_an_issue_names_its_submitter() {
+        let completion = unplaceable(Phase::Complete, Some("irq"));
+        assert_eq!((completion.pid, completion.comm.as_deref()), (None, None));
+        let issue = unplaceable(Phase::Issue, Some("smartd"));
+        assert_eq!(
+            (issue.pid, issue.comm.as_deref()),
+            (Some(4321), Some("smartd"))
+        );
+        assert_eq!(
+            issue.to_string(),
+            "by pid 4321 (smartd), issued on CPU 0 as `N` at sector -1"
+        );
+        let mut log = UnplaceableLog::default();
+        log.note(1, Some(completion.clone()));
+        log.note(2, Some(issue.clone()));
+        log.note(1, Some(completion.clone()));
+        log.note(1, None);
+        assert_eq!(log.count, 5);
+        assert_eq!(log.first, Some(issue));
+    }
+
+    #[test]
+    fn health_is_clean_only_without_loss_unplaceable_writes_or_changes() {
+        let clean = TraceHealth::default();
+        assert!(clean.is_clean());
+        assert_eq!(clean.to_string(), "clean");
+        let lost = TraceHealth {
+            lost: 3,
+            ..TraceHealth::default()
+        };
+        assert!(!lost.is_clean());
+        assert_eq!(lost.to_string(), "lost 3 write events");
+        let passthrough = TraceHealth {
+            unplaceable: 2,
+            first_unplaceable: Some(unplaceable(Phase::Issue, Some("nvme"))),
+            ..TraceHealth::default()
+        };
+        assert!(!passthrough.is_clean());
+        let text = passthrough.to_string();
+        assert!(text.contains("2 write(s) the trace cannot place"), "{text}");
+        assert!(text.contains("by pid 4321 (nvme)"), "{text}");
+        let tampered = TraceHealth {
+            tampered: Some("tracing_on is 0, was 1".to_string()),
+            lost: 1,
+            ..TraceHealth::default()
+        };
+        assert!(!tampered.is_clean());
+        let text = tampered.to_string();
+        assert!(
+            text.starts_with("tracing was changed from outside: tracing_on is 0, was 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("; lost 1 write events"), "{text}");
     }
 
     #[test]

@@ -182,23 +182,65 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
     Ok(cpus)
 }
 
-/// The online CPUs.
-/// Fails if a CPU is online that is not in `traced` (the CPUs whose buffers
-/// a source reads): its events would go unread.
-pub fn check_no_cpu_came_online(traced: &[u32]) -> Result<(), LiveError> {
-    match online_cpus()?.into_iter().find(|cpu| !traced.contains(cpu)) {
-        Some(cpu) => Err(LiveError::CpuOnline { cpu }),
-        None => Ok(()),
-    }
+/// The first CPU in `online` that is not in `read` (the CPUs whose
+/// buffers a source reads): its events would go unread.
+pub fn cpu_not_read(online: &[u32], read: &[u32]) -> Option<u32> {
+    online.iter().copied().find(|cpu| !read.contains(cpu))
 }
 
+/// The online CPUs.
 pub fn online_cpus() -> Result<Vec<u32>, LiveError> {
-    let path = Path::new("/sys/devices/system/cpu/online");
+    cpu_list(Path::new("/sys/devices/system/cpu/online"))
+}
+
+/// The CPUs that can ever come online (`/sys/devices/system/cpu/possible`):
+/// a tracefs instance has a `per_cpu/cpuN` directory for each.
+pub fn possible_cpus() -> Result<Vec<u32>, LiveError> {
+    cpu_list(Path::new("/sys/devices/system/cpu/possible"))
+}
+
+fn cpu_list(path: &Path) -> Result<Vec<u32>, LiveError> {
     let text = read_text(path)?;
     parse_cpu_list(&text).map_err(|message| LiveError::Parse {
         path: path.to_path_buf(),
         message,
     })
+}
+
+/// The boot's identity: the first 8 hex digits of
+/// `/proc/sys/kernel/random/boot_id` (random per boot).
+pub fn boot_id() -> Result<String, LiveError> {
+    let path = Path::new("/proc/sys/kernel/random/boot_id");
+    let text = read_text(path)?;
+    parse_boot_id(&text).ok_or_else(|| LiveError::Parse {
+        path: path.to_path_buf(),
+        message: format!("not a boot id: {:?}", text.trim()),
+    })
+}
+
+/// `84022ec3-50c6-...` → `84022ec3`.
+pub fn parse_boot_id(text: &str) -> Option<String> {
+    let head = text.trim().get(..8)?;
+    head.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| head.to_ascii_lowercase())
+}
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid` links to
+/// `pid:[4026531836]`): pids are only comparable within one namespace.
+pub fn pid_namespace() -> Result<u64, LiveError> {
+    let path = Path::new("/proc/self/ns/pid");
+    let target = fs::read_link(path).map_err(|error| io_error("cannot read link", path, error))?;
+    let text = target.to_string_lossy();
+    parse_namespace_link(&text).ok_or_else(|| LiveError::Parse {
+        path: path.to_path_buf(),
+        message: format!("not a namespace link: {text:?}"),
+    })
+}
+
+/// `pid:[4026531836]` → 4026531836.
+pub fn parse_namespace_link(text: &str) -> Option<u64> {
+    text.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// Whether a process with this pid exists (a zombie counts as alive).
@@ -291,6 +333,31 @@ mod tests {
         assert!(parse_cpu_list("a").is_err());
         assert!(parse_cpu_list("4-2").is_err());
         assert!(parse_cpu_list("0-100000").is_err());
+    }
+
+    #[test]
+    fn unread_cpus() {
+        assert_eq!(cpu_not_read(&[0, 1], &[0, 1]), None);
+        assert_eq!(cpu_not_read(&[0, 1, 2], &[0, 1]), Some(2));
+        assert_eq!(cpu_not_read(&[0], &[0, 1, 2, 3]), None);
+    }
+
+    #[test]
+    fn boot_and_namespace_ids() {
+        assert_eq!(
+            parse_boot_id("84022EC3-50c6-49f6-a8d7-757931173446\n").as_deref(),
+            Some("84022ec3")
+        );
+        assert_eq!(parse_boot_id("8402"), None);
+        assert_eq!(parse_boot_id("8402zec3-50c6"), None);
+        assert_eq!(
+            parse_namespace_link("pid:[4026531836]"),
+            Some(4_026_531_836)
+        );
+        assert_eq!(parse_namespace_link("net:[4026531836]"), None);
+        assert_eq!(parse_namespace_link("pid:[x]"), None);
+        assert_eq!(boot_id().unwrap().len(), 8);
+        assert!(pid_namespace().unwrap() > 0);
     }
 
     #[test]

@@ -8,9 +8,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::integrity::{self, Watched};
 use super::reader::{PipeReader, ReadMethod, ReadResult};
 use super::sys::{self, io_error, read_text, write_text};
-use super::{DrainStats, EventSource, LiveError, SourceConfig, SourceCounters, TraceTarget};
+use super::{
+    Clipped, DrainStats, EventSource, LiveError, SourceConfig, SourceCounters, TraceHealth,
+    TraceTarget, Unplaceable, UnplaceableLog,
+};
 use crate::trace::WriteEvent;
 use crate::trace::tracefs::{
     BlockDecoder, BlockEventType, MissedEvents, PageLayout, parse_event_format, parse_header_event,
@@ -20,20 +24,32 @@ use crate::trace::tracefs::{
 /// Where tracefs lives (and is mounted if it is not).
 pub const TRACEFS_ROOT: &str = "/sys/kernel/tracing";
 
-/// Instances are named `hot-clone-<pid>-<counter>`; the pid tells
-/// [`cleanup_stale_instances`] whether the owner is still alive.
+/// Instances are named `hot-clone-<pid>-<counter>-<boot>-<pidns>` (see
+/// [`InstanceName`]); older runs named them `hot-clone-<pid>-<counter>`.
 pub const INSTANCE_PREFIX: &str = "hot-clone-";
 
 /// The tracepoints enabled: submission of every bio, and completion on
 /// bio-based (`block_bio_complete`) and request-based (`block_rq_complete`)
-/// devices. `block_rq_issue` adds nothing a queue event has not reported;
-/// `block_bio_remap` and `block_split` report ranges a queue event of the
-/// same bio already covers (a bio remapped from a partition or a stacked
-/// device is queued again on the disk, with the disk's dev and sectors).
-const EVENTS: [BlockEventType; 3] = [
+/// devices, plus `block_rq_issue` of passthrough requests only (see
+/// [`filter_expression`]). `block_bio_remap` and `block_split` report
+/// ranges a queue event of the same bio already covers (a bio remapped from
+/// a partition or a stacked device is queued again on the disk, with the
+/// disk's dev and sectors).
+///
+/// Why `block_rq_issue` for passthrough: such a request has no queue event
+/// (it never passes `submit_bio`), and its completion names nobody — it
+/// runs in interrupt context, so its `common_pid` is whatever task was
+/// running. The issue event fires in `blk_mq_start_request`, normally in
+/// the submitter's context (`blk_execute_rq` for SG_IO and NVMe ioctls,
+/// the io_uring submitter for `uring_cmd`; a kblockd worker when dispatch
+/// was deferred), and records `comm`: the message can name the tool. It
+/// also arrives before the completion, so the run stops sooner. Cost: the
+/// kernel filter drops every non-`N` issue before it reaches the buffer.
+const EVENTS: [BlockEventType; 4] = [
     BlockEventType::BioQueue,
     BlockEventType::BioComplete,
     BlockEventType::RqComplete,
+    BlockEventType::RqIssue,
 ];
 
 /// Pages read per CPU per `io_uring_enter`: a linked chain of reads.
@@ -51,21 +67,118 @@ const RMDIR_ATTEMPTS_MAX: u32 = 50;
 
 static INSTANCE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A tracefs instance owned by this process. Dropping it turns tracing off
-/// and removes it; every file of the instance must be closed by then, or the
-/// kernel refuses (`EBUSY`).
+/// Who this process is, as far as instance names go: pids are only
+/// comparable within one boot and one pid namespace, and the instances
+/// directory is shared by every pid namespace (containers included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub pid: u32,
+    /// First 8 hex digits of `/proc/sys/kernel/random/boot_id`.
+    pub boot: String,
+    /// Inode of `/proc/self/ns/pid`.
+    pub pid_namespace: u64,
+}
+
+/// A parsed instance name of ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InstanceName {
+    /// `hot-clone-<pid>-<counter>-<boot>-<pidns>`.
+    Current {
+        pid: u32,
+        counter: u64,
+        boot: String,
+        pid_namespace: u64,
+    },
+    /// `hot-clone-<pid>-<counter>`, from runs before the boot and namespace
+    /// were part of the name: the pid may belong to another namespace.
+    Legacy { pid: u32, counter: u64 },
+}
+
+impl InstanceName {
+    /// The name for `identity`'s `counter`-th instance. The pid comes
+    /// first so the name still starts with `hot-clone-<pid>-`; older
+    /// binaries' cleanup fails to parse the rest and leaves it alone.
+    pub fn format(identity: &Identity, counter: u64) -> String {
+        format!(
+            "{INSTANCE_PREFIX}{}-{counter}-{}-{}",
+            identity.pid, identity.boot, identity.pid_namespace
+        )
+    }
+
+    pub fn parse(name: &str) -> Option<InstanceName> {
+        let rest = name.strip_prefix(INSTANCE_PREFIX)?;
+        let parts: Vec<&str> = rest.split('-').collect();
+        let pid: u32 = parts.first()?.parse().ok()?;
+        let counter: u64 = parts.get(1)?.parse().ok()?;
+        match parts.len() {
+            2 => Some(InstanceName::Legacy { pid, counter }),
+            4 => {
+                let boot = sys::parse_boot_id(parts[2]).filter(|b| b.len() == parts[2].len())?;
+                let pid_namespace = parts[3].parse().ok()?;
+                Some(InstanceName::Current {
+                    pid,
+                    counter,
+                    boot,
+                    pid_namespace,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What [`cleanup_stale_instances`] does with an instance it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleAction {
+    /// Ours, or its owner is alive: leave it.
+    Keep,
+    /// Try `rmdir`; the kernel refuses (`EBUSY`) while any of its files is
+    /// open, i.e. while a run still reads it.
+    TryRemove,
+}
+
+/// Decides about an instance name: a pid says whether the owner lives only
+/// for an instance from this boot and this pid namespace; any other
+/// instance (another boot's cannot exist, tracefs is in memory; another
+/// namespace's, or a legacy name) is only tried with `rmdir`, which a run
+/// that reads it prevents.
+pub fn stale_action(
+    name: &InstanceName,
+    me: &Identity,
+    alive: impl Fn(u32) -> bool,
+) -> StaleAction {
+    match name {
+        InstanceName::Current {
+            pid,
+            boot,
+            pid_namespace,
+            ..
+        } if *boot == me.boot && *pid_namespace == me.pid_namespace => {
+            if *pid == me.pid || alive(*pid) {
+                StaleAction::Keep
+            } else {
+                StaleAction::TryRemove
+            }
+        }
+        InstanceName::Current { .. } | InstanceName::Legacy { .. } => StaleAction::TryRemove,
+    }
+}
+
+/// A tracefs instance owned by this process. Dropping it removes it; every
+/// file of the instance must be closed by then, or the kernel refuses
+/// (`EBUSY`).
 struct Instance {
     path: PathBuf,
 }
 
 impl Instance {
     fn create(root: &Path) -> Result<Instance, LiveError> {
-        let pid = std::process::id();
+        let identity = super::current_identity()?;
         for _ in 0..INSTANCE_NAME_ATTEMPTS_MAX {
             let counter = INSTANCE_COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = root
                 .join("instances")
-                .join(format!("{INSTANCE_PREFIX}{pid}-{counter}"));
+                .join(InstanceName::format(&identity, counter));
             match fs::create_dir(&path) {
                 Ok(()) => return Ok(Instance { path }),
                 // Left by an earlier process with our pid: not ours to use.
@@ -83,15 +196,23 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        let _ = write_text(&self.path.join("tracing_on"), "0");
+        // No `tracing_on` = 0 first: `rmdir` (`__remove_instance`) disables
+        // every event of the instance (`event_trace_del_tracer`) and frees
+        // its buffers, so nothing is left running. Only if the kernel keeps
+        // the instance (a file of it held open by someone else) is tracing
+        // switched off, so a leftover costs memory, not a trace of every
+        // block I/O.
         if let Err(error) = remove_instance(&self.path) {
-            eprintln!("hot-clone: warning: {error}");
+            let _ = write_text(&self.path.join("tracing_on"), "0");
+            eprintln!(
+                "hot-clone: warning: {error}; tracing in it was switched off, and the next run removes it once nothing holds it open"
+            );
         }
     }
 }
 
-/// `rmdir` of an instance, retried briefly while the kernel reports it busy
-/// (a file of it still being released).
+/// `rmdir` of our own instance, retried briefly while the kernel reports it
+/// busy (a file of it still being released).
 fn remove_instance(path: &Path) -> Result<(), LiveError> {
     let mut attempt = 0;
     loop {
@@ -131,23 +252,21 @@ fn ensure_tracefs() -> Result<PathBuf, LiveError> {
     Ok(root)
 }
 
-/// The pid in an instance name of ours, `hot-clone-<pid>-<counter>`.
-fn instance_owner(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(INSTANCE_PREFIX)?;
-    let (pid, counter) = rest.split_once('-')?;
-    counter.parse::<u64>().ok()?;
-    pid.parse().ok()
-}
-
-/// Removes tracefs instances left by killed earlier runs: named
-/// `hot-clone-<pid>-<counter>` with no process `<pid>` alive. Returns their
-/// names. Instances of live processes are left alone.
+/// Removes tracefs instances left by killed earlier runs and returns their
+/// names. Never switches tracing off: it only calls `rmdir`, which the
+/// kernel refuses with `EBUSY` for an instance that any process still has
+/// a file of open (`__remove_instance` fails while `tr->ref > 1` or
+/// `tr->trace_ref` is set; every open of an instance file takes a
+/// reference through `tracing_check_open_get_tr`, and `trace_pipe_raw`
+/// also `trace_ref` in `tracing_buffers_open`). Such an instance is in use
+/// and left alone. Which instances are tried: see [`stale_action`].
 pub fn cleanup_stale_instances() -> Result<Vec<String>, LiveError> {
     let euid = sys::euid();
     if euid != 0 {
         return Err(LiveError::NotRoot { euid });
     }
     let root = ensure_tracefs()?;
+    let me = super::current_identity()?;
     let instances = root.join("instances");
     let entries =
         fs::read_dir(&instances).map_err(|error| io_error("cannot list", &instances, error))?;
@@ -155,16 +274,21 @@ pub fn cleanup_stale_instances() -> Result<Vec<String>, LiveError> {
     for entry in entries {
         let entry = entry.map_err(|error| io_error("cannot list", &instances, error))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = instance_owner(&name) else {
+        let Some(parsed) = InstanceName::parse(&name) else {
             continue;
         };
-        if pid == std::process::id() || sys::pid_alive(pid) {
+        if stale_action(&parsed, &me, sys::pid_alive) == StaleAction::Keep {
             continue;
         }
         let path = entry.path();
-        let _ = write_text(&path.join("tracing_on"), "0");
-        remove_instance(&path)?;
-        removed.push(name);
+        match fs::remove_dir(&path) {
+            Ok(()) => removed.push(name),
+            // In use (or removed by a concurrent cleanup): not ours to touch.
+            Err(error)
+                if error.raw_os_error() == Some(libc::EBUSY)
+                    || error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error("cannot remove tracefs instance", &path, error)),
+        }
     }
     Ok(removed)
 }
@@ -214,16 +338,70 @@ pub fn parse_cpu_stats(text: &str) -> Result<CpuStats, String> {
     Ok(stats)
 }
 
-/// The kernel filter: the disk, sectors below the range's end (a filter
-/// cannot add `nr_sector` to `sector`, so the start is checked in user space;
-/// flush requests at sector `u64::MAX` fall out here too), and no reads
-/// (`rwbs` of a read starts with `R`; a preflush `F` only precedes writes).
-fn filter_expression(target: &TraceTarget) -> String {
-    format!(
-        "dev == {} && sector < {} && !(rwbs ~ \"R*\")",
-        target.disk.0,
-        target.sector_end()
-    )
+/// The kernel filter of each event (grammar: kernel/trace/trace_events_filter.c;
+/// `~` is a glob match on a string field, `||`, `&&`, `!` and parentheses
+/// combine predicates).
+///
+/// Queue and completion events: the disk; no reads (`rwbs` of a read
+/// starts with `R`; a preflush `F` only precedes writes); and sectors below
+/// the range's end (a filter cannot add `nr_sector` to `sector`, so the
+/// start is checked in user space; flush requests at sector `u64::MAX` fall
+/// out here) — or any `N` operation whatever its sector, because a
+/// passthrough command completes at sector `(sector_t)-1` (`block_rq_complete`
+/// records `blk_rq_pos`) and must reach user space to be counted as a write
+/// the trace cannot place.
+///
+/// `block_rq_issue`: only `N` operations of the disk (passthrough issues
+/// at sector 0, `blk_rq_trace_sector`; a write-zeroes issue repeats its
+/// queue event's range and is harmless).
+fn filter_expression(target: &TraceTarget, event: BlockEventType) -> String {
+    match event {
+        BlockEventType::RqIssue => format!("dev == {} && rwbs ~ \"N*\"", target.disk.0),
+        BlockEventType::BioQueue | BlockEventType::BioComplete | BlockEventType::RqComplete => {
+            format!(
+                "dev == {} && !(rwbs ~ \"R*\") && (sector < {} || rwbs ~ \"N*\")",
+                target.disk.0,
+                target.sector_end()
+            )
+        }
+    }
+}
+
+/// What one read of a `trace_pipe_raw` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PipeRead {
+    Page,
+    /// Nothing committed: `EAGAIN`, io_uring's zero-timeout cancel, or 0
+    /// bytes (the reader page was empty when read, and events arrived before
+    /// the kernel's emptiness check).
+    Empty,
+    /// `ENODEV`: the CPU has no buffer yet. The instance's ring buffer gets
+    /// a CPU's buffer when that CPU first comes online
+    /// (`trace_rb_cpu_prepare`, the `CPUHP_TRACE_RB_PREPARE` callback) and
+    /// keeps it when the CPU goes offline (there is no teardown callback);
+    /// until then `ring_buffer_alloc_read_page` refuses the read with
+    /// `-ENODEV` (`!cpumask_test_cpu(cpu, buffer->cpumask)`), and
+    /// `tracing_buffers_read` retries the allocation on every read. So a
+    /// pipe opened at start for a possible-but-offline CPU starts working by
+    /// itself when the CPU comes up, and a CPU that went offline keeps its
+    /// unread events readable: reading every possible CPU on every drain
+    /// misses nothing.
+    NoBufferYet,
+    Short(usize),
+    Failed(i32),
+}
+
+fn classify_read(result: ReadResult, page_bytes: usize) -> PipeRead {
+    match result {
+        ReadResult::Bytes(bytes) if bytes == page_bytes => PipeRead::Page,
+        ReadResult::Empty | ReadResult::Cancelled | ReadResult::Bytes(0) => PipeRead::Empty,
+        ReadResult::Bytes(bytes) => PipeRead::Short(bytes),
+        ReadResult::Failed(libc::ENODEV) => PipeRead::NoBufferYet,
+        ReadResult::Failed(errno) => PipeRead::Failed(errno),
+        ReadResult::NotRun => {
+            unreachable!("a chain ends at its first short read, which is handled")
+        }
+    }
 }
 
 /// `buffer_size_kb` reads `1024`, or `7 (expanded: 1408)` before first use.
@@ -238,7 +416,7 @@ pub struct TracefsSource {
     // closed before the instance can be removed.
     reader: PipeReader,
     stats_files: Vec<(File, PathBuf)>,
-    /// CPU of each reader slot.
+    /// CPU of each reader slot: every possible CPU (see [`PipeRead::NoBufferYet`]).
     cpus: Vec<u32>,
     decoder: BlockDecoder,
     layout: PageLayout,
@@ -254,6 +432,10 @@ pub struct TracefsSource {
     pages_missed_events: u64,
     /// Pages that could not be parsed: their events are lost.
     pages_corrupt: u64,
+    unplaceable: UnplaceableLog,
+    /// The control files set up, as read back after tracing started.
+    watched: Vec<Watched>,
+    watch_buf: Vec<u8>,
     /// Scratch of the drain loop: the chain base of each active slot.
     active: Vec<Option<usize>>,
     pages_this_drain: Vec<u64>,
@@ -341,14 +523,13 @@ pub fn open_tracefs(
         message: error.to_string(),
     })?;
 
-    let filter = filter_expression(target);
     for event in EVENTS {
         let event_dir = dir.join("events/block").join(event.name());
-        write_text(&event_dir.join("filter"), &filter)?;
+        write_text(&event_dir.join("filter"), &filter_expression(target, event))?;
         write_text(&event_dir.join("enable"), "1")?;
     }
 
-    let cpus = sys::online_cpus()?;
+    let cpus = sys::possible_cpus()?;
     let mut pipes = Vec::with_capacity(cpus.len());
     let mut stats_files = Vec::with_capacity(cpus.len());
     for &cpu in &cpus {
@@ -374,6 +555,7 @@ pub fn open_tracefs(
 
     // Tracing starts here: every write submitted after this returns is seen.
     write_text(&dir.join("tracing_on"), "1")?;
+    let watched = watch_instance(&dir)?;
 
     Ok(TracefsSource {
         reader,
@@ -387,11 +569,47 @@ pub fn open_tracefs(
         counters: SourceCounters::default(),
         pages_missed_events: 0,
         pages_corrupt: 0,
+        unplaceable: UnplaceableLog::default(),
+        watched,
+        watch_buf: Vec::with_capacity(1024),
         active: vec![None; slots],
         pages_this_drain: vec![0; slots],
         stats_buf: vec![0; STATS_BYTES_MAX].into_boxed_slice(),
         instance,
     })
+}
+
+/// The files whose text must stay as setup left it (read back now, so the
+/// kernel's normalized form is the baseline): tracing on; the events
+/// enabled with their filters; the buffer size, sub-buffer size and
+/// overwrite mode (a change resizes or reformats the buffers under the
+/// reader); the CPU mask and event pid filters (either would drop events
+/// silently); the clock.
+fn watch_instance(dir: &Path) -> Result<Vec<Watched>, LiveError> {
+    let mut watched = vec![
+        Watched::expect(dir.join("tracing_on"), "1")?,
+        Watched::expect(dir.join("options/overwrite"), "0")?,
+    ];
+    for file in [
+        "buffer_size_kb",
+        "buffer_subbuf_size_kb",
+        "tracing_cpumask",
+        "set_event_pid",
+        "set_event_notrace_pid",
+        "trace_clock",
+    ] {
+        let path = dir.join(file);
+        // Older kernels lack some (buffer_subbuf_size_kb is 6.8+).
+        if path.exists() {
+            watched.push(Watched::record(path)?);
+        }
+    }
+    for event in EVENTS {
+        let event_dir = dir.join("events/block").join(event.name());
+        watched.push(Watched::expect(event_dir.join("enable"), "1")?);
+        watched.push(Watched::record(event_dir.join("filter"))?);
+    }
+    Ok(watched)
 }
 
 impl TracefsSource {
@@ -442,13 +660,33 @@ impl TracefsSource {
         }
         // Translate and clip in place.
         let mut kept = first_new;
+        let mut unplaceable = 0;
         for index in first_new..out.len() {
-            if let Some(event) = self.target.clip(&out[index]) {
-                out[kept] = event;
-                kept += 1;
+            match self.target.clip(&out[index]) {
+                Clipped::Write(event) => {
+                    out[kept] = event;
+                    kept += 1;
+                }
+                Clipped::Unplaceable => unplaceable += 1,
+                Clipped::Outside => {}
             }
         }
         out.truncate(kept);
+        if unplaceable > 0 {
+            // The page's best-named passthrough event stands for all of them.
+            let best = summary
+                .first_passthrough
+                .filter(|block| block.dev == self.target.disk)
+                .and_then(|block| {
+                    let write = block.write_event(cpu)?;
+                    Some(Unplaceable::from_event(
+                        &write,
+                        block.rwbs.to_string(),
+                        block.comm.map(|comm| comm.to_string()),
+                    ))
+                });
+            self.unplaceable.note(unplaceable, best);
+        }
         stats.events_read += summary.events_total as u64;
         stats.writes_kept += (kept - first_new) as u64;
         stats.pages_read += 1;
@@ -490,20 +728,16 @@ impl EventSource for TracefsSource {
                 }
                 let mut more = true;
                 for index in 0..chain_len {
-                    match self.reader.result(slot, index) {
-                        ReadResult::Bytes(bytes) if bytes == page_bytes => {
+                    match classify_read(self.reader.result(slot, index), page_bytes) {
+                        PipeRead::Page => {
                             self.take_page(slot, index, out, &mut stats)?;
                             self.pages_this_drain[slot] += 1;
                         }
-                        // Empty when read: EAGAIN from read(2), cancelled by
-                        // the zero timeout in io_uring (see reader.rs), or 0
-                        // (the reader page was empty when read, and events
-                        // arrived before the kernel's emptiness check).
-                        ReadResult::Empty | ReadResult::Cancelled | ReadResult::Bytes(0) => {
+                        PipeRead::Empty | PipeRead::NoBufferYet => {
                             more = false;
                             break;
                         }
-                        ReadResult::Bytes(bytes) => {
+                        PipeRead::Short(bytes) => {
                             return Err(LiveError::Parse {
                                 path: self.pipe_path(slot),
                                 message: format!(
@@ -511,15 +745,12 @@ impl EventSource for TracefsSource {
                                 ),
                             });
                         }
-                        ReadResult::Failed(errno) => {
+                        PipeRead::Failed(errno) => {
                             return Err(io_error(
                                 "cannot read",
                                 &self.pipe_path(slot),
                                 io::Error::from_raw_os_error(errno),
                             ));
-                        }
-                        ReadResult::NotRun => {
-                            unreachable!("a chain ends at its first short read, which is handled")
                         }
                     }
                 }
@@ -533,7 +764,11 @@ impl EventSource for TracefsSource {
         Ok(stats)
     }
 
-    fn lost_events(&mut self) -> Result<u64, LiveError> {
+    /// Loss: the per-CPU `stats` counters and the pages' missed-events
+    /// flags. Unplaceable: passthrough events drained so far. Tampering:
+    /// the instance directory and every `watch_instance` file, compared
+    /// with their text right after setup.
+    fn health(&mut self) -> Result<TraceHealth, LiveError> {
         let mut lost_stats = 0u64;
         for (file, path) in &self.stats_files {
             let text = sys::pread_text(file, path, &mut self.stats_buf)?;
@@ -547,8 +782,14 @@ impl EventSource for TracefsSource {
         // larger, so nothing is counted twice and nothing is missed.
         let lost = lost_stats.max(self.pages_missed_events) + self.pages_corrupt;
         self.counters.lost_events = lost;
-        sys::check_no_cpu_came_online(&self.cpus)?;
-        Ok(lost)
+        let tampered = integrity::check_dir(&self.instance.path)
+            .or_else(|| integrity::check_all(&self.watched, &mut self.watch_buf));
+        Ok(TraceHealth {
+            lost,
+            unplaceable: self.unplaceable.count,
+            first_unplaceable: self.unplaceable.first.clone(),
+            tampered,
+        })
     }
 
     fn counters(&self) -> SourceCounters {
@@ -569,14 +810,102 @@ mod tests {
     use super::*;
     use crate::trace::DevT;
 
+    fn me() -> Identity {
+        Identity {
+            pid: 100,
+            boot: "84022ec3".to_string(),
+            pid_namespace: 4_026_531_836,
+        }
+    }
+
     #[test]
     fn instance_names() {
-        assert_eq!(instance_owner("hot-clone-1234-0"), Some(1234));
-        assert_eq!(instance_owner("hot-clone-1-17"), Some(1));
-        assert_eq!(instance_owner("hot-clone-1234"), None);
-        assert_eq!(instance_owner("hot-clone-x-0"), None);
-        assert_eq!(instance_owner("hot-clone-12-y"), None);
-        assert_eq!(instance_owner("hc-fixture-1234"), None);
+        let name = InstanceName::format(&me(), 7);
+        assert_eq!(name, "hot-clone-100-7-84022ec3-4026531836");
+        assert_eq!(
+            InstanceName::parse(&name),
+            Some(InstanceName::Current {
+                pid: 100,
+                counter: 7,
+                boot: "84022ec3".to_string(),
+                pid_namespace: 4_026_531_836
+            })
+        );
+        assert_eq!(
+            InstanceName::parse("hot-clone-1234-0"),
+            Some(InstanceName::Legacy {
+                pid: 1234,
+                counter: 0
+            })
+        );
+        for bad in [
+            "hot-clone-1234",
+            "hot-clone-x-0",
+            "hot-clone-12-y",
+            "hc-fixture-1234",
+            "hot-clone-1-2-84022ec3",
+            "hot-clone-1-2-8402zec3-5",
+            "hot-clone-1-2-84022ec3-x",
+            "hot-clone-1-2-84022ec3ff-5",
+            "hot-clone-1-2-84022ec3-5-6",
+        ] {
+            assert_eq!(InstanceName::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_same_boot_and_namespace_pids_are_checked_for_liveness() {
+        let me = me();
+        let named = |pid, boot: &str, pid_namespace| InstanceName::Current {
+            pid,
+            counter: 0,
+            boot: boot.to_string(),
+            pid_namespace,
+        };
+        let alive = |pid: u32| pid == 200;
+        let same = |pid| named(pid, "84022ec3", 4_026_531_836);
+        assert_eq!(stale_action(&same(100), &me, alive), StaleAction::Keep);
+        assert_eq!(stale_action(&same(200), &me, alive), StaleAction::Keep);
+        assert_eq!(stale_action(&same(300), &me, alive), StaleAction::TryRemove);
+        // Another namespace's pid 200 says nothing about its owner here,
+        // nor does a legacy name's: only rmdir, which a reader prevents.
+        for name in [
+            named(200, "84022ec3", 4_026_532_000),
+            named(200, "deadbeef", 4_026_531_836),
+            named(100, "84022ec3", 4_026_532_000),
+            InstanceName::Legacy {
+                pid: 200,
+                counter: 0,
+            },
+        ] {
+            assert_eq!(
+                stale_action(&name, &me, alive),
+                StaleAction::TryRemove,
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pipe_reads() {
+        assert_eq!(classify_read(ReadResult::Bytes(4096), 4096), PipeRead::Page);
+        assert_eq!(classify_read(ReadResult::Bytes(0), 4096), PipeRead::Empty);
+        assert_eq!(classify_read(ReadResult::Empty, 4096), PipeRead::Empty);
+        assert_eq!(classify_read(ReadResult::Cancelled, 4096), PipeRead::Empty);
+        assert_eq!(
+            classify_read(ReadResult::Bytes(100), 4096),
+            PipeRead::Short(100)
+        );
+        // A possible CPU that has never been online: no buffer yet, retried
+        // on every drain, never an error.
+        assert_eq!(
+            classify_read(ReadResult::Failed(libc::ENODEV), 4096),
+            PipeRead::NoBufferYet
+        );
+        assert_eq!(
+            classify_read(ReadResult::Failed(libc::EIO), 4096),
+            PipeRead::Failed(libc::EIO)
+        );
     }
 
     #[test]
@@ -606,8 +935,16 @@ mod tests {
             sector_count: 10_000,
         };
         assert_eq!(
-            filter_expression(&target),
-            "dev == 7340035 && sector < 12049 && !(rwbs ~ \"R*\")"
+            filter_expression(&target, BlockEventType::BioQueue),
+            "dev == 7340035 && !(rwbs ~ \"R*\") && (sector < 12049 || rwbs ~ \"N*\")"
+        );
+        assert_eq!(
+            filter_expression(&target, BlockEventType::RqComplete),
+            filter_expression(&target, BlockEventType::BioQueue)
+        );
+        assert_eq!(
+            filter_expression(&target, BlockEventType::RqIssue),
+            "dev == 7340035 && rwbs ~ \"N*\""
         );
     }
 

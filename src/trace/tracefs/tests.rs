@@ -858,3 +858,128 @@ proptest! {
         let _ = parse_header_event(&text);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Passthrough commands.
+
+/// A block_rq_issue payload per the fixture format (id 2104): fields up to
+/// `comm` at 44..60, the `cmd` locator at 60 pointing at an empty string
+/// right after the fields (the kernel writes `cmd` as "").
+fn rq_issue_payload(
+    pid: u32,
+    sector: u64,
+    nr_sector: u32,
+    bytes: u32,
+    rwbs: &str,
+    comm: &str,
+) -> Vec<u8> {
+    let mut payload = vec![0u8; 68]; // 64 bytes of fields, 1 of cmd, padded to 4
+    payload[0..2].copy_from_slice(&2104u16.to_ne_bytes());
+    payload[4..8].copy_from_slice(&pid.to_ne_bytes());
+    payload[8..12].copy_from_slice(&DEV_LOOP0.0.to_ne_bytes());
+    payload[16..24].copy_from_slice(&sector.to_ne_bytes());
+    payload[24..28].copy_from_slice(&nr_sector.to_ne_bytes());
+    payload[28..32].copy_from_slice(&bytes.to_ne_bytes());
+    payload[34..34 + rwbs.len()].copy_from_slice(rwbs.as_bytes());
+    payload[44..44 + comm.len()].copy_from_slice(comm.as_bytes());
+    payload[60..64].copy_from_slice(&((1u32 << 16) | 64).to_ne_bytes());
+    payload
+}
+
+/// A block_rq_complete payload per the fixture format (id 2107).
+fn rq_complete_payload(pid: u32, sector: u64, nr_sector: u32, error: i32, rwbs: &str) -> Vec<u8> {
+    let mut payload = vec![0u8; 52]; // 48 bytes of fields, 1 of cmd, padded to 4
+    payload[0..2].copy_from_slice(&2107u16.to_ne_bytes());
+    payload[4..8].copy_from_slice(&pid.to_ne_bytes());
+    payload[8..12].copy_from_slice(&DEV_LOOP0.0.to_ne_bytes());
+    payload[16..24].copy_from_slice(&sector.to_ne_bytes());
+    payload[24..28].copy_from_slice(&nr_sector.to_ne_bytes());
+    payload[28..32].copy_from_slice(&error.to_ne_bytes());
+    payload[34..34 + rwbs.len()].copy_from_slice(rwbs.as_bytes());
+    payload[44..48].copy_from_slice(&((1u32 << 16) | 48).to_ne_bytes());
+    payload
+}
+
+/// What an SG_IO write looks like on 6.18 (include/trace/events/block.h):
+/// `block_rq_issue` with `blk_rq_trace_sector` = 0 and
+/// `blk_rq_trace_nr_sectors` = 0 for a passthrough request, the submitter's
+/// comm, `bytes` = the transfer; `block_rq_complete` with `blk_rq_pos` =
+/// `(sector_t)-1` and `nr_bytes >> 9`, from interrupt context (pid 0).
+#[test]
+fn passthrough_events_are_recognised_and_name_their_submitter() {
+    let mut builder = PageBuilder::new(2_000_000);
+    // The completion first: the issue (on another CPU's page, say) names
+    // the submitter, and a page's best-named one is kept either way.
+    builder.small_event(1, &rq_complete_payload(0, u64::MAX, 8, 0, "N"));
+    builder.small_event(1, &rq_issue_payload(4242, 0, 0, 4096, "N", "smartd"));
+    // Write-zeroes is N with a range: an exact write.
+    builder.small_event(1, &rq_complete_payload(0, 1000, 8, 0, "NS"));
+    // The flush at (sector_t)-1 is not a write at all.
+    builder.small_event(1, &rq_complete_payload(0, u64::MAX, 0, 0, "FF"));
+    let page = builder.build();
+    // Byte-exact: the issue record's comm and cmd locator where the format
+    // file puts them.
+    let issue_at = 16 + (4 + 52) + 4;
+    assert_eq!(&page[issue_at + 44..issue_at + 50], b"smartd");
+    assert_eq!(
+        &page[issue_at + 16..issue_at + 24],
+        &0u64.to_ne_bytes(),
+        "sector"
+    );
+    let complete_at = 16 + 4;
+    assert_eq!(
+        &page[complete_at + 16..complete_at + 24],
+        &u64::MAX.to_ne_bytes()
+    );
+
+    let (summary, writes) = decode_built(&page).unwrap();
+    assert_eq!(summary.events_block, 4);
+    assert_eq!(summary.events_write, 3);
+    assert_eq!(summary.events_passthrough, 2);
+    let kinds: Vec<(WriteKind, Phase, u64, u64)> = writes
+        .iter()
+        .map(|w| (w.kind, w.phase, w.sector_first, w.sector_count))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (WriteKind::Passthrough, Phase::Complete, u64::MAX, 8),
+            (WriteKind::Passthrough, Phase::Issue, 0, 0),
+            (WriteKind::Other, Phase::Complete, 1000, 8),
+        ]
+    );
+    let first = summary.first_passthrough.unwrap();
+    assert_eq!(first.event_type, BlockEventType::RqIssue);
+    assert_eq!(first.pid, 4242);
+    assert_eq!(first.comm.unwrap().to_string(), "smartd");
+    assert_eq!(first.rwbs.to_string(), "N");
+    assert!(first.is_passthrough());
+
+    // And the live sources' clip calls them unplaceable, not the whole disk.
+    use crate::trace::live::{Clipped, TraceTarget};
+    let target = TraceTarget {
+        disk: DEV_LOOP0,
+        sector_first: 0,
+        sector_count: 131_072,
+    };
+    let clipped: Vec<Clipped> = writes.iter().map(|w| target.clip(w)).collect();
+    assert_eq!(clipped[0], Clipped::Unplaceable);
+    assert_eq!(clipped[1], Clipped::Unplaceable);
+    assert_eq!(clipped[2].write().map(|w| w.sector_first), Some(1000));
+}
+
+#[test]
+fn completion_events_have_no_comm_and_queue_events_do() {
+    let mut builder = PageBuilder::new(1);
+    builder.small_event(1, &bio_queue_payload(9, DEV_LOOP0.0, 80, 8, "WS"));
+    builder.small_event(1, &rq_complete_payload(0, 80, 8, 0, "WS"));
+    let decoder = BlockDecoder::new(&fixture_formats()).unwrap();
+    let page = builder.build();
+    let (_, events) = parse_page(&fixture_layout(), &page).unwrap();
+    let blocks: Vec<BlockEvent> = events
+        .map(|event| decoder.decode(&event.unwrap()).unwrap().unwrap())
+        .collect();
+    assert_eq!(blocks[0].comm.unwrap().to_string(), "dd");
+    assert_eq!(blocks[1].comm, None);
+    assert!(!blocks[0].is_passthrough() && !blocks[1].is_passthrough());
+}
