@@ -326,6 +326,9 @@ pub struct Outcome {
 pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     require_root()?;
     let device = SourceDevice::open(&options.device)?;
+    if !options.force {
+        device.refuse_aliases()?;
+    }
     let mounts = if options.freeze {
         mounts_to_freeze(&device, &options.output)?
     } else {
