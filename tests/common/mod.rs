@@ -143,7 +143,9 @@ fn sh(program: &str, args: &[&str]) -> String {
 /// A loop device over a sparse scratch file, detached on drop.
 pub struct LoopDevice {
     pub path: PathBuf,
-    _backing: tempfile::NamedTempFile,
+    /// The path only, not an open descriptor: a test process holding the
+    /// backing file open for writing is an alias `hot-clone image` refuses.
+    _backing: tempfile::TempPath,
     partitions: Vec<u32>,
 }
 
@@ -171,7 +173,7 @@ impl LoopDevice {
         );
         LoopDevice {
             path: PathBuf::from(path),
-            _backing: backing,
+            _backing: backing.into_temp_path(),
             partitions: Vec::new(),
         }
     }
