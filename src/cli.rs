@@ -97,12 +97,21 @@ pub struct ImageArgs {
     /// The block device to image (a whole disk or a partition).
     #[arg(short, long, value_name = "DEV")]
     pub device: PathBuf,
-    /// Where the image goes (created with mode 0600); - or absent: standard
-    /// output, which must not be a terminal.
+    /// Where the image goes: a file, written as a mode-0600 temporary
+    /// beside it and renamed onto it only once the image is complete (never
+    /// through a symbolic link), or a block device, opened exclusively; -
+    /// or absent: standard output, which must not be a terminal. Refused
+    /// anywhere that overlaps the device being imaged.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Write the image even onto the device being imaged (or, for a whole
-    /// disk, one of its partitions).
+    /// Turn every refusal off, and with it what it protects: the image may
+    /// then go onto a place that overlaps the device being imaged (its
+    /// disk, a partition, a filesystem or loop device on it: the image and
+    /// the device corrupt each other), onto a block device that is mounted,
+    /// swap or held (opened without O_EXCL), into a new regular file in
+    /// /dev, or through a symbolic link; and a loop device whose backing
+    /// file can also be written another way is imaged, though such writes
+    /// are not captured.
     #[arg(long)]
     pub force: bool,
     /// Reader threads, one io_uring each, pinned to a CPU; 0 = the CPUs this

@@ -77,6 +77,45 @@ impl SourceDevice {
         })
     }
 
+    /// Refuses a loop device whose backing file can also be written
+    /// another way — a second loop device on it, or a process with it open
+    /// for writing or mapped shared — since those writes bypass the queue
+    /// the trace watches ([`blockdev::alias`]). Other devices pass.
+    pub fn refuse_aliases(&self) -> anyhow::Result<()> {
+        if !self.disk_name.starts_with("loop") {
+            return Ok(());
+        }
+        let backing = blockdev::alias::loop_backing(&self.file).with_context(|| {
+            format!(
+                "cannot ask loop device {} which file is behind it (LOOP_GET_STATUS64)",
+                self.path.display()
+            )
+        })?;
+        let Some(backing) = backing else {
+            return Ok(());
+        };
+        let sysfs = format!("/sys/block/{}/loop/backing_file", self.disk_name);
+        let backing_path = fs::read_to_string(&sysfs)
+            .map(|text| text.trim_end_matches('\n').to_string())
+            .unwrap_or_else(|_| format!("the file behind /dev/{}", self.disk_name));
+        let findings = blockdev::alias::alias_findings(
+            &self.path.display().to_string(),
+            &self.disk_name,
+            &backing_path,
+            backing,
+            &blockdev::alias::loop_attachments(),
+            &blockdev::alias::writers_of(backing),
+        );
+        if !findings.is_empty() {
+            bail!(
+                "refusing to image {}: its data can be written without passing through its queue, where the trace watches, so the image could miss those writes: {}. Or use --force to image it anyway, knowing such writes are not captured",
+                self.path.display(),
+                findings.join("; ")
+            );
+        }
+        Ok(())
+    }
+
     /// `/sys/block/<disk>/inflight`: (reads, writes) in flight on the whole disk.
     pub fn inflight(&self) -> anyhow::Result<(u64, u64)> {
         let path = PathBuf::from(format!("/sys/block/{}/inflight", self.disk_name));

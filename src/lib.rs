@@ -16,6 +16,7 @@ pub mod exit;
 pub mod format;
 pub mod freeze;
 pub mod image;
+pub mod output;
 pub mod restore;
 pub mod signals;
 pub mod trace;

@@ -23,7 +23,6 @@ mod rounds;
 pub use pending::{COMPLETION_WAIT_MAX, COMPLETION_WAIT_NONE_SEEN, Completions};
 
 use crate::adaptive::{self, Controller, LatencyProbe};
-use crate::blockdev;
 use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
 use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
@@ -31,6 +30,7 @@ use crate::format::{
     Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
 use crate::freeze::{self, Frozen, Mount};
+use crate::output;
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
@@ -40,10 +40,8 @@ use hdrhistogram::Histogram;
 use pending::PendingWrites;
 use rounds::{Ending, Look, RoundRead, Rounds, RoundsConfig, World};
 use serde::Serialize;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter};
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -95,14 +93,13 @@ const EXTENT_BYTES_MAX: u64 = 64 << 20;
 /// through (a buffer this small is flushed before a larger write).
 const OUTPUT_BUFFER_BYTES: usize = 64 << 10;
 
-/// The pipe size asked for when the image goes to a pipe.
-const PIPE_BYTES_WANTED: libc::c_int = 4 << 20;
-
 /// Where the image goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
     Stdout,
-    /// Created (mode 0600) or truncated.
+    /// Written as a 0600 temporary beside it, renamed onto it when the
+    /// image is complete ([`crate::output`]); a block device or character
+    /// device is written in place.
     File(PathBuf),
 }
 
@@ -111,7 +108,8 @@ pub enum Output {
 pub struct ImageOptions {
     pub device: PathBuf,
     pub output: Output,
-    /// Write the image even onto the device being imaged.
+    /// Turn every refusal of the output guard ([`crate::output`]) and of
+    /// source aliases ([`SourceDevice::refuse_aliases`]) off.
     pub force: bool,
     pub engine: EngineConfig,
     pub source: SourceConfig,
@@ -390,12 +388,15 @@ pub struct Outcome {
 pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     require_root()?;
     let device = SourceDevice::open(&options.device)?;
+    if !options.force {
+        device.refuse_aliases()?;
+    }
     let mounts = if options.freeze {
         mounts_to_freeze(&device, &options.output)?
     } else {
         Vec::new()
     };
-    let output = open_output(&options.output, &device, options.force)?;
+    let (output, placement) = output::open(&options.output, &device, options.force)?;
 
     match live::cleanup_stale_instances() {
         Ok(removed) if !removed.is_empty() => eprintln!(
@@ -490,6 +491,8 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
             stats.image_bytes = trailer.bytes;
             drop(run);
             write_stats(options, &stats)?;
+            // Last: FILE appears only for a run that wrote its trailer.
+            placement.commit(out.get_ref())?;
             Ok(Outcome { verdict, stats })
         }
         Err(error) => {
@@ -547,72 +550,16 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens where the image goes, refusing a place on the device being imaged
-/// (or, for a whole disk, on one of its partitions): the image would
-/// overwrite what it is imaging.
-fn open_output(output: &Output, device: &SourceDevice, force: bool) -> anyhow::Result<File> {
-    let mut imaged = vec![device.dev];
-    imaged.extend(crate::blockdev::partitions_of(device.dev));
-    let (file, name, lives_on) = match output {
-        Output::Stdout => {
-            let fd = io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("cannot use standard output")?;
-            let file = File::from(fd);
-            let meta = file.metadata().context("cannot stat standard output")?;
-            if meta.file_type().is_fifo() {
-                grow_pipe(&file);
-            }
-            let lives_on = blockdev::device_holding(&meta);
-            (file, "standard output".to_string(), lives_on)
-        }
-        Output::File(path) => {
-            let lives_on = blockdev::device_for_new_file(path)?;
-            if !(force || lives_on.is_none_or(|dev| !imaged.contains(&dev))) {
-                bail!(refusal(&path.display().to_string(), device));
-            }
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            (file, path.display().to_string(), lives_on)
-        }
-    };
-    if !force && lives_on.is_some_and(|dev| imaged.contains(&dev)) {
-        bail!(refusal(&name, device));
-    }
-    Ok(file)
-}
-
-/// A pipe of 64 KiB (the default) wakes its reader 16 times per 1 MiB read;
-/// grow it to `/proc/sys/fs/pipe-max-size` (1 MiB by default). Measured in
-/// PERF.md ("Output to a pipe"). Failure only costs speed.
-fn grow_pipe(pipe: &File) {
-    let max = fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .ok()
-        .and_then(|text| text.trim().parse::<libc::c_int>().ok())
-        .unwrap_or(1 << 20)
-        .min(PIPE_BYTES_WANTED);
-    // SAFETY: F_SETPIPE_SZ on a descriptor we own; no memory is passed.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
-}
-
-fn refusal(name: &str, device: &SourceDevice) -> String {
-    format!(
-        "refusing to write the image to {name}: it is on {} itself, the device being imaged, so writing it would change what is being imaged (use --force to do it anyway)",
-        device.path.display()
-    )
-}
-
 fn write_stats(options: &ImageOptions, stats: &RunStats) -> anyhow::Result<()> {
     if let Some(path) = &options.stats_json {
         let text = serde_json::to_string_pretty(stats).expect("stats serialize");
-        fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write the run statistics to {}", path.display()))?;
+        output::write_atomically(
+            path,
+            (text + "\n").as_bytes(),
+            "--stats-json",
+            options.force,
+        )
+        .with_context(|| format!("cannot write the run statistics to {}", path.display()))?;
     }
     Ok(())
 }

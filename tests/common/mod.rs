@@ -143,8 +143,21 @@ fn sh(program: &str, args: &[&str]) -> String {
 /// A loop device over a sparse scratch file, detached on drop.
 pub struct LoopDevice {
     pub path: PathBuf,
-    _backing: tempfile::NamedTempFile,
+    /// The path only, not an open descriptor: a test process holding the
+    /// backing file open for writing is an alias `hot-clone image` refuses.
+    _backing: Option<tempfile::TempPath>,
+    backing_path: PathBuf,
     partitions: Vec<u32>,
+}
+
+/// Held while `losetup -f` picks a free device and attaches it, so that
+/// tests in other processes do not race for the same one.
+fn losetup_lock() -> fs::File {
+    use std::os::fd::AsRawFd;
+    let lock = fs::File::create(std::env::temp_dir().join("hot-clone-tests-losetup.lock")).unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    lock
 }
 
 impl LoopDevice {
@@ -158,6 +171,7 @@ impl LoopDevice {
         backing.as_file().set_len(size_bytes).unwrap();
         let file = backing.path().to_str().unwrap();
         let sector = sector_bytes.to_string();
+        let _lock = losetup_lock();
         let path = sh(
             "losetup",
             &[
@@ -169,11 +183,34 @@ impl LoopDevice {
                 file,
             ],
         );
+        let backing_path = backing.path().to_path_buf();
         LoopDevice {
             path: PathBuf::from(path),
-            _backing: backing,
+            _backing: Some(backing.into_temp_path()),
+            backing_path,
             partitions: Vec::new(),
         }
+    }
+
+    /// A loop device over an existing file the caller owns (left in place).
+    pub fn attach(file: &Path) -> LoopDevice {
+        require_root("attach loop devices");
+        let _lock = losetup_lock();
+        let path = sh(
+            "losetup",
+            &["-f", "--show", "--direct-io=on", file.to_str().unwrap()],
+        );
+        LoopDevice {
+            path: PathBuf::from(path),
+            _backing: None,
+            backing_path: file.to_path_buf(),
+            partitions: Vec::new(),
+        }
+    }
+
+    /// The file behind the device.
+    pub fn backing(&self) -> &Path {
+        &self.backing_path
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) {

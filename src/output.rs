@@ -1,0 +1,521 @@
+//! Where an image goes, and the guard that keeps it off the device being
+//! imaged.
+//!
+//! Every check is made on what was opened (`fstat` of the descriptor, or of
+//! the directory descriptor a new file is made in), never on a path looked
+//! up earlier, so a rename between check and open cannot walk around it:
+//!
+//! - The output is resolved to the block devices that hold it and refused
+//!   if it overlaps the source in any way [`topology::find_overlap`] knows:
+//!   the same device, a disk and its partitions, a filesystem and its
+//!   device (via mountinfo where `st_dev` is no block device), stacked
+//!   devices (sysfs holders/slaves), loop devices and their backing files.
+//! - A block device is opened with `O_EXCL`, so the kernel refuses it while
+//!   it is mounted or held, and refused when it (or a partition) is mounted,
+//!   swap or held ([`blockdev::uses_of`]).
+//! - A new regular file is not made on devtmpfs (`/dev/sdX` mistyped).
+//! - `-o FILE` is written as `.FILE.hc-partial-PID` beside FILE, mode 0600,
+//!   and renamed onto FILE only by [`Placement::commit`]; dropped without
+//!   it, the temporary is removed and an earlier FILE is left as it was.
+//! - The last path component is never followed if it is a symbolic link.
+//!
+//! `--force` turns every refusal off (and opens a block device without
+//! `O_EXCL`, and follows a link).
+
+use crate::blockdev::topology::{self, FileId, Place, View};
+use crate::blockdev::{self, DevNum};
+use crate::device::SourceDevice;
+use crate::image::Output;
+use anyhow::{Context, bail};
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The pipe size asked for when the image goes to a pipe.
+const PIPE_BYTES_WANTED: libc::c_int = 4 << 20;
+
+/// What has to happen once the image is complete: a temporary file renamed
+/// into place, an exclusive claim on a block device released. Dropped
+/// without [`Placement::commit`], the temporary is removed.
+#[derive(Debug)]
+pub struct Placement {
+    pending: Option<Pending>,
+    /// Keeps a block device behind standard output claimed (`O_EXCL`)
+    /// while the image is written through the inherited descriptor.
+    _claim: Option<File>,
+}
+
+impl Placement {
+    /// Makes the written image FILE: syncs it, renames the temporary onto
+    /// FILE and syncs the directory, so the name is durable too.
+    pub fn commit(mut self, file: &File) -> anyhow::Result<()> {
+        match self.pending.take() {
+            Some(pending) => pending.commit(file),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A temporary `.NAME.hc-partial-PID` in an open directory.
+#[derive(Debug)]
+struct Pending {
+    dir: File,
+    temp: CString,
+    name: CString,
+    /// FILE as given, for messages.
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Pending {
+    /// Creates the temporary beside `name` in `dir`, mode 0600 whatever the
+    /// umask or an earlier FILE's mode.
+    fn create(dir: File, name: &OsStr, path: &Path) -> anyhow::Result<(File, Pending)> {
+        let mut temp = std::ffi::OsString::from(".");
+        temp.push(name);
+        temp.push(format!(".hc-partial-{}", std::process::id()));
+        let temp_path = path.with_file_name(&temp);
+        let temp = c_name(&temp)?;
+        let file = open_at(
+            &dir,
+            &temp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        )
+        .with_context(|| format!("cannot create {}", temp_path.display()))?;
+        let pending = Pending {
+            dir,
+            temp,
+            name: c_name(name)?,
+            path: path.to_path_buf(),
+            committed: false,
+        };
+        // SAFETY: fchmod on a descriptor we own; no memory is passed.
+        if unsafe { libc::fchmod(file.as_raw_fd(), 0o600) } != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("cannot set mode 0600 on {}", temp_path.display()));
+        }
+        Ok((file, pending))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.path
+            .with_file_name(OsStr::from_bytes(self.temp.as_bytes()))
+    }
+
+    fn commit(mut self, file: &File) -> anyhow::Result<()> {
+        file.sync_all()
+            .with_context(|| format!("cannot flush {} to disk", self.temp_path().display()))?;
+        let dir = self.dir.as_raw_fd();
+        // SAFETY: renameat with a directory descriptor we own and two
+        // NUL-terminated names that outlive the call.
+        let rc = unsafe { libc::renameat(dir, self.temp.as_ptr(), dir, self.name.as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    self.temp_path().display(),
+                    self.path.display()
+                )
+            });
+        }
+        self.committed = true;
+        self.dir.sync_all().with_context(|| {
+            format!(
+                "cannot flush the directory of {} to disk after renaming it into place",
+                self.path.display()
+            )
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.committed {
+            // SAFETY: unlinkat with a directory descriptor we own and a
+            // NUL-terminated name that outlives the call.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.temp.as_ptr(), 0) };
+        }
+    }
+}
+
+/// Opens where the image goes, refusing a place that overlaps the device
+/// being imaged or is in use (unless `force`).
+pub fn open(
+    output: &Output,
+    device: &SourceDevice,
+    force: bool,
+) -> anyhow::Result<(File, Placement)> {
+    let guard = Guard {
+        view: View::read(),
+        source: device.dev,
+        source_name: device.path.display().to_string(),
+        force,
+    };
+    match output {
+        Output::Stdout => guard.stdout(),
+        Output::File(path) => guard.file(path, LINK_HOPS_MAX),
+    }
+}
+
+/// `--force` follows a symbolic link; a chain of them at most this long.
+const LINK_HOPS_MAX: u32 = 8;
+
+struct Guard {
+    view: View,
+    source: DevNum,
+    source_name: String,
+    force: bool,
+}
+
+impl Guard {
+    fn stdout(&self) -> anyhow::Result<(File, Placement)> {
+        let name = "standard output";
+        let fd = io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot use standard output")?;
+        let file = File::from(fd);
+        let meta = file.metadata().context("cannot stat standard output")?;
+        let kind = meta.file_type();
+        let mut claim = None;
+        if kind.is_fifo() {
+            grow_pipe(&file);
+        } else if kind.is_block_device() {
+            let dev = DevNum::from_rdev(meta.rdev());
+            self.refuse_overlap(name, Place::Block(dev))?;
+            self.refuse_in_use(name, dev)?;
+            if !self.force {
+                // Claim the device the shell opened for us, exclusively,
+                // through our own descriptor of it.
+                let held = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+                    .open("/proc/self/fd/1")
+                    .map_err(|e| self.busy(name, dev, e))?;
+                let held_meta = held.metadata().context("cannot stat standard output")?;
+                if held_meta.rdev() != meta.rdev() {
+                    bail!("standard output changed while it was being checked; run again");
+                }
+                claim = Some(held);
+            }
+        } else if kind.is_file() {
+            let st_dev = DevNum::from_rdev(meta.dev());
+            if !self.force && self.view.fs_type_of(st_dev) == Some("devtmpfs") {
+                bail!(
+                    "refusing to write the image to standard output: it is a regular file in the kernel's device directory (devtmpfs), most likely made by the shell for a mistyped device name; remove it, check the name with lsblk, or use --force to write there anyway"
+                );
+            }
+            self.refuse_overlap(name, Place::File(FileId::of(&meta)))?;
+        }
+        Ok((
+            file,
+            Placement {
+                pending: None,
+                _claim: claim,
+            },
+        ))
+    }
+
+    fn file(&self, path: &Path, links_left: u32) -> anyhow::Result<(File, Placement)> {
+        let (dir, name) = open_parent(path)?;
+        let shown = path.display().to_string();
+        let c = c_name(name)?;
+        let existing = stat_at(&dir, &c).with_context(|| format!("cannot stat {shown}"))?;
+        let kind = existing.as_ref().map(|st| st.st_mode & libc::S_IFMT);
+        match kind {
+            Some(libc::S_IFLNK) => {
+                let target = refuse_link(path, "the image", "-o", self.force)?;
+                if links_left == 0 {
+                    bail!("{shown}: too many symbolic links");
+                }
+                return self.file(&target, links_left - 1);
+            }
+            Some(libc::S_IFDIR) => {
+                bail!("cannot write the image to {shown}: it is a directory; give a file name")
+            }
+            Some(libc::S_IFBLK) => return self.block_at(&dir, &c, &shown),
+            Some(libc::S_IFREG) | None => {}
+            // A character device (/dev/null), a FIFO, a socket: written in
+            // place, holding no block device.
+            Some(_) => {
+                let file = open_at(
+                    &dir,
+                    &c,
+                    libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0,
+                )
+                .with_context(|| format!("cannot open {shown} for writing"))?;
+                if file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+                    grow_pipe(&file);
+                }
+                let placement = Placement {
+                    pending: None,
+                    _claim: None,
+                };
+                return Ok((file, placement));
+            }
+        }
+        // Checked before anything is made: the directory the entry goes in.
+        let dir_meta = dir
+            .metadata()
+            .with_context(|| format!("cannot stat the directory of {shown}"))?;
+        let dir_dev = DevNum::from_rdev(dir_meta.dev());
+        if !self.force && self.view.fs_type_of(dir_dev) == Some("devtmpfs") {
+            let dir_shown = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .display();
+            bail!(
+                "refusing to create {shown}: {dir_shown} is the kernel's device directory (devtmpfs), and there is no device by that name, so it is most likely a mistyped device name; check it with lsblk, or use --force to create a regular file there anyway"
+            );
+        }
+        let ino = existing.as_ref().map_or(0, |st| st.st_ino);
+        self.refuse_overlap(&shown, Place::File(FileId { dev: dir_dev, ino }))?;
+        let (file, pending) = Pending::create(dir, name, path)?;
+        // And again on the descriptor of what was made.
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", pending.temp_path().display()))?;
+        self.refuse_overlap(&shown, Place::File(FileId::of(&meta)))?;
+        let placement = Placement {
+            pending: Some(pending),
+            _claim: None,
+        };
+        Ok((file, placement))
+    }
+
+    /// An existing block device named by `-o`: opened exclusively, then
+    /// checked by what the descriptor is.
+    fn block_at(
+        &self,
+        dir: &File,
+        name: &CString,
+        shown: &str,
+    ) -> anyhow::Result<(File, Placement)> {
+        let exclusive = if self.force { 0 } else { libc::O_EXCL };
+        let flags = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | exclusive;
+        let file = match open_at(dir, name, flags, 0) {
+            Ok(file) => file,
+            Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
+                // Say who holds it: look at it without claiming it.
+                let peek = open_at(
+                    dir,
+                    name,
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0,
+                )
+                .with_context(|| format!("cannot open {shown}"))?;
+                let dev = DevNum::from_rdev(peek.metadata()?.rdev());
+                return Err(self.busy(shown, dev, error));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot open {shown} for writing"));
+            }
+        };
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat {shown}"))?;
+        if !meta.file_type().is_block_device() {
+            bail!("{shown} changed while it was being opened; run again");
+        }
+        let dev = DevNum::from_rdev(meta.rdev());
+        self.refuse_overlap(shown, Place::Block(dev))?;
+        self.refuse_in_use(shown, dev)?;
+        let placement = Placement {
+            pending: None,
+            _claim: None,
+        };
+        Ok((file, placement))
+    }
+
+    fn refuse_overlap(&self, name: &str, place: Place) -> anyhow::Result<()> {
+        if self.force {
+            return Ok(());
+        }
+        if let Some(overlap) =
+            topology::find_overlap(&self.view, place, self.source, &self.source_name)
+        {
+            bail!(
+                "refusing to write the image to {name}: {}, so writing the image there would change what is being imaged; use --force to do it anyway",
+                overlap.text
+            );
+        }
+        Ok(())
+    }
+
+    /// A block device (or a partition of it) mounted, swap, or held.
+    fn refuse_in_use(&self, name: &str, dev: DevNum) -> anyhow::Result<()> {
+        if self.force {
+            return Ok(());
+        }
+        let mut devs = vec![dev];
+        devs.extend(blockdev::partitions_of(dev));
+        let uses = blockdev::uses_of(&devs);
+        if !uses.is_empty() {
+            bail!(
+                "refusing to write the image to {name}: it is in use ({}), and writing onto it would corrupt what uses it; unmount it (or swapoff, or stop the holder) first, or use --force to do it anyway",
+                uses.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    /// The error for a block device the kernel would not open exclusively.
+    fn busy(&self, name: &str, dev: DevNum, error: io::Error) -> anyhow::Error {
+        let mut devs = vec![dev];
+        devs.extend(blockdev::partitions_of(dev));
+        let uses = blockdev::uses_of(&devs);
+        let why = if uses.is_empty() {
+            "another program has it open exclusively".to_string()
+        } else {
+            uses.join("; ")
+        };
+        anyhow::anyhow!(
+            "refusing to write the image to {name}: the kernel refused to open it exclusively ({error}): {why}; stop what uses it first, or use --force to do it anyway"
+        )
+    }
+}
+
+/// `--stats-json` and such: written as a 0600 temporary beside `path` and
+/// renamed onto it, never through a symbolic link (unless `force`).
+pub fn write_atomically(path: &Path, bytes: &[u8], flag: &str, force: bool) -> anyhow::Result<()> {
+    let mut path = path.to_path_buf();
+    for _ in 0..=LINK_HOPS_MAX {
+        let (dir, name) = open_parent(&path)?;
+        let c = c_name(name)?;
+        let existing =
+            stat_at(&dir, &c).with_context(|| format!("cannot stat {}", path.display()))?;
+        match existing.map(|st| st.st_mode & libc::S_IFMT) {
+            Some(libc::S_IFLNK) => {
+                path = refuse_link(&path, "the run statistics", flag, force)?;
+                continue;
+            }
+            Some(libc::S_IFREG) | None => {
+                let (mut file, pending) = Pending::create(dir, name, &path)?;
+                file.write_all(bytes)
+                    .with_context(|| format!("cannot write {}", pending.temp_path().display()))?;
+                return pending.commit(&file);
+            }
+            Some(libc::S_IFDIR) => bail!(
+                "cannot write {flag} to {}: it is a directory",
+                path.display()
+            ),
+            // /dev/stdout's target, a FIFO: written in place.
+            Some(_) => {
+                let mut file = open_at(
+                    &dir,
+                    &c,
+                    libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0,
+                )
+                .with_context(|| format!("cannot open {} for writing", path.display()))?;
+                return file
+                    .write_all(bytes)
+                    .with_context(|| format!("cannot write {}", path.display()));
+            }
+        }
+    }
+    bail!("{}: too many symbolic links", path.display())
+}
+
+/// A symbolic link where a file is to be written: refused, or with `force`
+/// the path it points to.
+fn refuse_link(path: &Path, what: &str, flag: &str, force: bool) -> anyhow::Result<PathBuf> {
+    let target =
+        fs::read_link(path).with_context(|| format!("cannot read the link {}", path.display()))?;
+    if !force {
+        bail!(
+            "refusing to write {what} to {}: it is a symbolic link (to {}), and {flag} does not follow links, so that a link planted in a shared directory cannot send the write elsewhere; give the link's target, or use --force to follow it",
+            path.display(),
+            target.display()
+        );
+    }
+    Ok(match path.parent() {
+        Some(parent) if target.is_relative() => parent.join(target),
+        _ => target,
+    })
+}
+
+/// The directory `path` names its entry in, opened, and the entry's name.
+fn open_parent(path: &Path) -> anyhow::Result<(File, &OsStr)> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let dir_file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .with_context(|| {
+            format!(
+                "cannot open the directory {} to write {}",
+                dir.display(),
+                path.display()
+            )
+        })?;
+    Ok((dir_file, name))
+}
+
+fn c_name(name: &OsStr) -> anyhow::Result<CString> {
+    CString::new(name.as_bytes()).with_context(|| format!("{name:?}: a file name with a NUL byte"))
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; None if there is no entry.
+fn stat_at(dir: &File, name: &CString) -> io::Result<Option<libc::stat>> {
+    // SAFETY: all-zero bytes are a valid `stat` (integers only).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatat with a directory descriptor we own, a NUL-terminated
+    // name and a pointer to a live local `stat`, all valid for the call.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(st));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(error)
+    }
+}
+
+/// `openat(dir, name, flags, mode)`.
+fn open_at(dir: &File, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    // SAFETY: openat with a directory descriptor we own and a NUL-terminated
+    // name valid for the call; the mode is passed as the variadic argument.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from openat, owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A pipe of 64 KiB (the default) wakes its reader 16 times per 1 MiB read;
+/// grow it to `/proc/sys/fs/pipe-max-size` (1 MiB by default). Measured in
+/// PERF.md ("Output to a pipe"). Failure only costs speed.
+fn grow_pipe(pipe: &File) {
+    let max = fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|text| text.trim().parse::<libc::c_int>().ok())
+        .unwrap_or(1 << 20)
+        .min(PIPE_BYTES_WANTED);
+    // SAFETY: F_SETPIPE_SZ on a descriptor we own; no memory is passed.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
+}
