@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # PERF.md "Build against build": event ingestion under fio random writes on
 # zram while a run holds in catch-up. usage (root): tools/perf/ingest.sh BIN|none
-# usage: ingest2.sh BIN|none
 set -e
 echo 2G > /sys/block/zram0/disksize
 dd if=/dev/urandom of=/dev/zram0 bs=1M count=2048 oflag=direct status=none
