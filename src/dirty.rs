@@ -764,20 +764,25 @@ enum LeafForMark<'a> {
 /// holds the device's current data, never older than what was read before.
 /// Worth it where a read's fixed cost exceeds reading the gap: at ~100k
 /// IOPS and ~3 GB/s, a 4 KiB read costs as much as reading ~30 KiB.
+///
+/// In place: no allocation, whatever the number of extents.
 pub fn merge_small_gaps(extents: &mut Vec<Extent>, gap_bytes_max: u64) {
-    let mut merged: Vec<Extent> = Vec::with_capacity(extents.len());
-    for &extent in extents.iter() {
-        match merged.last_mut() {
-            Some(last)
-                if extent.offset_bytes >= last.end_bytes()
-                    && extent.offset_bytes - last.end_bytes() <= gap_bytes_max =>
+    let mut kept = 0;
+    for index in 0..extents.len() {
+        let extent = extents[index];
+        if kept > 0 {
+            let last = &mut extents[kept - 1];
+            if extent.offset_bytes >= last.end_bytes()
+                && extent.offset_bytes - last.end_bytes() <= gap_bytes_max
             {
                 last.len_bytes = extent.end_bytes() - last.offset_bytes;
+                continue;
             }
-            _ => merged.push(extent),
         }
+        extents[kept] = extent;
+        kept += 1;
     }
-    *extents = merged;
+    extents.truncate(kept);
 }
 
 fn fixed_bytes_for(leaf_count: usize, summary_word_count: usize) -> u64 {

@@ -89,6 +89,11 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Extents handed to the engine at most this long (it splits them further).
 const EXTENT_BYTES_MAX: u64 = 64 << 20;
 
+/// Extents one catch-up look takes at most (plus one leaf's worth): 1 MiB
+/// of extent list however many blocks are dirty; a larger dirty set is read
+/// in several looks (a pass, `rounds.rs`).
+const TAKE_EXTENTS_MAX: usize = 1 << 16;
+
 /// Output buffer for record lines; data of a completed read goes straight
 /// through (a buffer this small is flushed before a larger write).
 const OUTPUT_BUFFER_BYTES: usize = 64 << 10;
@@ -749,6 +754,7 @@ impl Run<'_> {
             frozen: None,
             latency,
             events: Vec::new(),
+            cursor: dirty::TakeCursor::new(),
         };
         match rounds::catch_up(&mut world, &mut policy, rounds, self.device.size_bytes)? {
             Ending::Converged => Ok((Verdict::Converged, 0)),
@@ -1103,6 +1109,8 @@ struct LiveWorld<'r, 'a> {
     frozen: Option<Frozen>,
     latency: &'r mut Histogram<u64>,
     events: Vec<WriteEvent>,
+    /// Where the current pass's next bounded take starts.
+    cursor: dirty::TakeCursor,
 }
 
 impl World for LiveWorld<'_, '_> {
@@ -1114,15 +1122,38 @@ impl World for LiveWorld<'_, '_> {
     fn look(&mut self, extents: &mut Vec<dirty::Extent>) -> anyhow::Result<Look> {
         let run = self.run;
         self.events.clear();
-        let (dirty_bytes, pending, completions) = {
+        let (dirty_bytes, pass_whole, pending, completions) = {
             // Drain and take under one hold of the lock: no pump drain can
             // mark a block between what this look saw and what it took.
             let mut traced = lock(&run.traced);
             run.drain_locked(&mut traced, true, &mut self.events)?;
-            let dirty_bytes = run.dirty.take_into(extents, EXTENT_BYTES_MAX);
+            let mut pass_whole = self.cursor.is_finished();
+            if pass_whole {
+                self.cursor = dirty::TakeCursor::new();
+            }
+            let mut dirty_bytes = run.dirty.take_bounded(
+                &mut self.cursor,
+                extents,
+                EXTENT_BYTES_MAX,
+                TAKE_EXTENTS_MAX,
+            );
+            if extents.is_empty() && !pass_whole {
+                // The rest of this pass was clean; what was marked behind
+                // it is in the next one, which starts now: "took nothing"
+                // must mean the whole map.
+                pass_whole = true;
+                self.cursor = dirty::TakeCursor::new();
+                dirty_bytes = run.dirty.take_bounded(
+                    &mut self.cursor,
+                    extents,
+                    EXTENT_BYTES_MAX,
+                    TAKE_EXTENTS_MAX,
+                );
+            }
             let now = Instant::now();
             (
                 dirty_bytes,
+                pass_whole,
                 traced.pending.summary(),
                 traced.pending.completions(now),
             )
@@ -1135,6 +1166,8 @@ impl World for LiveWorld<'_, '_> {
         Ok(Look {
             dirty_bytes,
             extent_count: extents.len(),
+            pass_complete: self.cursor.is_finished(),
+            pass_whole: pass_whole && self.cursor.is_finished(),
             pending,
             completions,
             writes_in_flight,

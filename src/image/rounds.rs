@@ -13,9 +13,12 @@
 //! kernel functions). A *look* ([`World::look`]) holds the trace source's
 //! lock while it (1) waits until every event emitted before it is readable
 //! and drains them all (`sync_drain`), marking each write's blocks dirty and
-//! updating the pending writes, then (2) takes the dirty set. No drain runs
+//! updating the pending writes, then (2) takes the dirty set — or a bounded
+//! batch of it, from where the last take stopped: a *pass* of several looks,
+//! blocks marked behind it waiting for the next pass. No drain runs
 //! between (1) and (2), so nothing is marked between what the look saw and
-//! what it took. The run converges at a look L that took nothing, found no
+//! what it took. The run converges at a look L that took nothing (so its
+//! take was a whole pass), found no
 //! write pending, and saw `/sys/block/DISK/inflight` at zero (an extra
 //! check, not a premise). On a device that reports in-range completions:
 //!
@@ -89,6 +92,15 @@ pub struct Look {
     pub dirty_bytes: u64,
     /// Extents taken (after gap merging); 0 = nothing to read.
     pub extent_count: usize,
+    /// The take reached the device's end. A take is bounded (memory), so a
+    /// large dirty set is read in a *pass* of several looks, each taking on
+    /// from where the last stopped; blocks marked behind a pass wait for the
+    /// next one. A look that takes nothing has taken a whole pass by itself
+    /// ([`World::look`] starts a fresh pass rather than return the empty
+    /// end of one).
+    pub pass_complete: bool,
+    /// This look's take was a whole pass: it started at the device start.
+    pub pass_whole: bool,
     /// Writes queued and not seen complete.
     pub pending: PendingSummary,
     pub completions: Completions,
@@ -162,7 +174,7 @@ impl Rounds {
             && !look.held
             && (missing
                 || would_converge
-                || look.dirty_bytes <= self.config.freeze_dirty_bytes_max
+                || (look.pass_whole && look.dirty_bytes <= self.config.freeze_dirty_bytes_max)
                 || self.counted >= self.config.rounds_max)
         {
             // Converged as far as the live filesystem lets us: freeze it
@@ -193,7 +205,9 @@ impl Rounds {
             return Step::Wait;
         }
         self.waiting_since = None;
-        if !look.held {
+        // A round is a whole pass over the dirty set, however many bounded
+        // takes it needs.
+        if !look.held && look.pass_complete {
             self.counted += 1;
         }
         Step::Read {
@@ -213,8 +227,10 @@ pub struct RoundRead {
 pub trait World {
     /// Fails if the run must stop (a signal, lost events).
     fn check(&mut self) -> anyhow::Result<()>;
-    /// Drains the trace synchronously, then takes the dirty set into
-    /// `extents`, with no drain in between (see the module documentation).
+    /// Drains the trace synchronously, then takes the dirty set, or the
+    /// next bounded batch of it, into `extents`, with no drain in between
+    /// (see the module documentation). Never returns an empty take that
+    /// did not start at the device start.
     fn look(&mut self, extents: &mut Vec<Extent>) -> anyhow::Result<Look>;
     /// Marks `extents` dirty again.
     fn put_back(&mut self, extents: &[Extent]);

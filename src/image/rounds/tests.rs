@@ -68,6 +68,10 @@ struct Sim {
     at_last_look: Vec<u32>,
     /// When the settle before the main pass saw no write in flight.
     settled_at: u32,
+    /// Blocks one look takes at most, and where the pass's next take
+    /// starts (`None`: a new pass).
+    batch: usize,
+    cursor: Option<u64>,
 }
 
 impl Sim {
@@ -92,6 +96,8 @@ impl Sim {
             held_until: 0,
             at_last_look: Vec::new(),
             settled_at: 0,
+            batch: usize::MAX,
+            cursor: None,
         };
         sim.land();
         // Before the main pass the run waits for `inflight` to read zero,
@@ -175,6 +181,18 @@ impl Sim {
         })
     }
 
+    /// A bounded take from the cursor on, as `DirtyMap::take_bounded`.
+    fn take_batch(&mut self) -> Vec<u64> {
+        let from = self.cursor.unwrap_or(0);
+        let taken: Vec<u64> = self.dirty.range(from..).take(self.batch).copied().collect();
+        for block in &taken {
+            self.dirty.remove(block);
+        }
+        let more = taken.len() == self.batch && self.dirty.range(from..).next().is_some();
+        self.cursor = more.then(|| taken.last().expect("a full batch") + 1);
+        taken
+    }
+
     fn inflight(&self) -> u64 {
         self.writes
             .iter()
@@ -195,17 +213,24 @@ impl World for Sim {
     fn look(&mut self, extents: &mut Vec<Extent>) -> anyhow::Result<Look> {
         self.advance();
         self.drain();
-        let dirty_bytes = self.dirty.len() as u64 * BLOCK_BYTES;
-        extents.extend(self.dirty.iter().map(|&block| Extent {
+        let mut pass_whole = self.cursor.is_none();
+        let mut taken = self.take_batch();
+        if taken.is_empty() && !pass_whole {
+            pass_whole = true;
+            taken = self.take_batch();
+        }
+        let dirty_bytes = taken.len() as u64 * BLOCK_BYTES;
+        extents.extend(taken.iter().map(|&block| Extent {
             offset_bytes: block * BLOCK_BYTES,
             len_bytes: BLOCK_BYTES,
         }));
-        self.dirty.clear();
         self.at_last_look = self.device.clone();
         let now = self.now();
         Ok(Look {
             dirty_bytes,
             extent_count: extents.len(),
+            pass_complete: self.cursor.is_none(),
+            pass_whole: pass_whole && self.cursor.is_none(),
             pending: self.pending.summary(),
             completions: self.pending.completions(now),
             writes_in_flight: self.inflight(),
@@ -406,6 +431,8 @@ fn policy_freezes_when_the_dirty_set_is_small() {
     let look = Look {
         dirty_bytes: 4096,
         extent_count: 1,
+        pass_complete: true,
+        pass_whole: true,
         pending: PendingSummary {
             sectors: 0,
             stalest: None,
@@ -434,6 +461,8 @@ fn policy_waits_on_pending_writes_and_on_inflight() {
     let quiet = Look {
         dirty_bytes: 0,
         extent_count: 0,
+        pass_complete: true,
+        pass_whole: true,
         pending: PendingSummary {
             sectors: 0,
             stalest: None,
@@ -501,8 +530,9 @@ proptest! {
     /// landing and completion against the reads, a converged run's image
     /// is the device as of the final look.
     #[test]
-    fn converged_images_are_exact(writes in arb_writes()) {
+    fn converged_images_are_exact(writes in arb_writes(), batch in prop_oneof![Just(usize::MAX), 1usize..3]) {
         let mut sim = Sim::new(6, writes);
+        sim.batch = batch;
         prop_assume!(!sim.has_unrevealable_write());
         match run(&mut sim, false) {
             Ending::Converged => assert_exact(&sim),
