@@ -25,7 +25,11 @@ Exit status:
        complete but marked NOT converged. reassemble/verify: the image is
        intact but records that it is not a complete capture; see the warning
   4    image: the trace lost write events; the image has no END trailer
-  130  interrupted by SIGINT/SIGTERM; tracing removed, image has no trailer
+  5    image: the device does not report where its writes complete and
+       --freeze was not given (or its freeze ended early); no END trailer
+  130  interrupted by SIGINT, SIGTERM, SIGHUP or SIGQUIT; filesystems
+       thawed, tracing removed, image has no trailer (a second signal
+       thaws and switches tracing off at once, and exits)
 
 The original tool's spelling also works:
   hot-clone -device DEV [-queue-depth N] [-blktrace.bufsize B -blktrace.bufcount N] > out.hc
@@ -73,6 +77,20 @@ pub enum Command {
     /// Prints what the image holds (sections, data bytes, extent, trailer).
     /// Exits 0 only for an image whose END trailer verified.
     Verify(VerifyArgs),
+    /// Internal: started by `image --freeze`; thaws the frozen filesystems
+    /// if the imager dies (src/freeze.rs).
+    #[command(hide = true)]
+    FreezeGuardian(GuardianArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GuardianArgs {
+    /// The imager's pid.
+    #[arg(long)]
+    pub parent: u32,
+    /// DEV MOUNTPOINT pairs.
+    #[arg(value_name = "DEV MOUNTPOINT", num_args = 2..)]
+    pub items: Vec<OsString>,
 }
 
 #[derive(Args, Debug)]
@@ -189,7 +207,21 @@ pub struct ImageArgs {
     /// frozen; the time is reported.
     #[arg(long)]
     pub freeze: bool,
-    /// Test hook: stay frozen while FILE exists.
+    /// With --freeze: thaw after this long at most (e.g. 10s, 1500ms) and
+    /// carry on unfrozen; the image is then not one instant of the
+    /// filesystem (a loud warning says so) and the run converges, or not,
+    /// by the trace alone. 10 s is the time Windows VSS gives writers to
+    /// stay frozen.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub freeze_timeout: std::time::Duration,
+    /// With --freeze: image bytes held in memory while frozen (nothing is
+    /// written while frozen, so that no write can wait on the frozen
+    /// filesystem); past it the run thaws early, says so, and carries on
+    /// unfrozen. At least 1M.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes)]
+    pub freeze_memory: u64,
+    /// Test hook: stay frozen while FILE exists; FILE.frozen is made once
+    /// holding.
     #[arg(long, value_name = "FILE", hide = true)]
     pub hold_frozen_file: Option<PathBuf>,
     /// Say more: the event source, every catch-up round.
@@ -240,6 +272,9 @@ pub fn main() -> ExitCode {
             .into();
         }
     };
+    if let Command::FreezeGuardian(args) = &cli.command {
+        return crate::freeze::guardian_main(args.parent, &args.items);
+    }
     match run(cli) {
         Ok(exit) => exit.into(),
         Err(error) => {
@@ -297,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             print!("{}", outcome.summary.describe());
             Ok(report_warnings(&outcome.warnings))
         }
+        Command::FreezeGuardian(_) => unreachable!("handled before anything else runs"),
     }
 }
 
@@ -346,11 +382,25 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.adaptive = args.adaptive;
     options.dirty_map_memory_max = (args.dirty_map_memory > 0).then_some(args.dirty_map_memory);
     options.hold_frozen_file = args.hold_frozen_file;
+    if args.freeze_memory < FREEZE_MEMORY_MIN {
+        anyhow::bail!(
+            "--freeze-memory {}: too small to hold a frozen round; give at least 1M",
+            args.freeze_memory
+        );
+    }
+    options.freeze_timeout = args.freeze_timeout;
+    options.freeze_memory_max = usize::try_from(args.freeze_memory)
+        .map_err(|_| anyhow::anyhow!("--freeze-memory {}: too large", args.freeze_memory))?;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
     Ok(match outcome.verdict {
         Verdict::Converged => {
-            eprintln!("Done");
+            match &outcome.stats.freeze_ended_early {
+                Some(why) => eprintln!(
+                    "Done, but NOT point-in-time: {why}, so the freeze ended early; the image is crash-consistent, as without --freeze"
+                ),
+                None => eprintln!("Done"),
+            }
             Exit::Success
         }
         Verdict::Unconverged { .. } => {
@@ -358,6 +408,31 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
             Exit::Incomplete
         }
     })
+}
+
+/// The smallest `--freeze-memory`: a few sections of a frozen round.
+const FREEZE_MEMORY_MIN: u64 = 1 << 20;
+
+/// `10s`, `1500ms`, `2m`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a duration such as 10s, 1500ms or 2m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if !(seconds > 0.0 && seconds < 1e9) {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// `idle`, `be:N`, `rt:N` or `none` as an SQE I/O priority value.
@@ -713,6 +788,19 @@ mod tests {
         assert_eq!(parse_ioprio("rt:0"), Ok(1 << 13));
         assert!(parse_ioprio("be:8").is_err());
         assert!(parse_ioprio("bogus").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3h").is_err());
     }
 
     #[test]

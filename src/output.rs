@@ -519,3 +519,219 @@ fn grow_pipe(pipe: &File) {
     // SAFETY: F_SETPIPE_SZ on a descriptor we own; no memory is passed.
     unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
 }
+
+/// How long a write to a pipe waits for room before it looks at the signal
+/// flag again.
+const PIPE_WAIT_SLICE_MS: u16 = 100;
+
+/// The image's output descriptor as the run writes it.
+///
+/// - **A stalled reader cannot pin the run.** A pipe or socket is written
+///   with `pwritev2(RWF_NOWAIT)`: the kernel's `pipe_write` returns EAGAIN
+///   instead of sleeping when the pipe is full (`IOCB_NOWAIT`), without
+///   setting `O_NONBLOCK` on a file description the shell shares. The
+///   writer then polls for room in slices of 100 ms and stops once a signal
+///   has arrived, so `hot-clone image | sleep 1000` ends on SIGINT. A
+///   reader that is merely slow is waited for as long as it takes: that
+///   wait has no bound, on purpose.
+/// - **Errors name the place and the byte.** A failed write (ENOSPC,
+///   EDQUOT, EIO, EPIPE) says which output and at which byte of the image
+///   stream it failed ([`OutputFailed`]).
+/// - **Held while frozen.** Between [`ImageOut::hold`] and
+///   [`ImageOut::release`] bytes are kept in memory, bounded, in order, so
+///   nothing is written while `--freeze` holds filesystems frozen (the
+///   output, or a pipe's consumer, could be waiting on one of them).
+#[derive(Debug)]
+pub struct ImageOut {
+    file: File,
+    name: String,
+    nowait: bool,
+    /// Bytes of the image stream that reached the output.
+    written_bytes: u64,
+    held: Option<Vec<u8>>,
+}
+
+/// A write to the image's output failed; the cause is the error's source.
+#[derive(Debug)]
+pub struct OutputFailed {
+    pub name: String,
+    /// Byte offset in the image stream of the first byte not written.
+    pub offset_bytes: u64,
+    cause: OutputCause,
+}
+
+#[derive(Debug)]
+enum OutputCause {
+    Io(io::Error),
+    /// A signal arrived while the output's reader was not reading.
+    Interrupted(crate::signals::Interrupted),
+    /// More held than the bound (a bug of the caller's check).
+    HoldFull(usize),
+}
+
+impl std::fmt::Display for OutputFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "writing the image to {} stopped at byte {} of the image",
+            self.name, self.offset_bytes
+        )?;
+        match &self.cause {
+            OutputCause::Io(error) => match error.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                    f.write_str(" (no space left there: free some, or write the image elsewhere)")
+                }
+                Some(libc::EIO) => f.write_str(
+                    " (the storage under it reported an I/O error: check it, and write the image elsewhere)",
+                ),
+                Some(libc::EPIPE) => f.write_str(" (the reader of the pipe went away)"),
+                _ => Ok(()),
+            },
+            OutputCause::Interrupted(_) => f.write_str(" (its reader was not reading)"),
+            OutputCause::HoldFull(max) => {
+                write!(f, " (more than {max} bytes were held while frozen)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for OutputFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.cause {
+            OutputCause::Io(error) => Some(error),
+            OutputCause::Interrupted(interrupted) => Some(interrupted),
+            OutputCause::HoldFull(_) => None,
+        }
+    }
+}
+
+impl ImageOut {
+    /// `name` is what messages call it ("standard output", the `-o` path).
+    pub fn new(file: File, name: String) -> ImageOut {
+        let kind = file.metadata().map(|m| m.file_type()).ok();
+        let nowait = kind.is_some_and(|k| k.is_fifo() || k.is_socket());
+        ImageOut {
+            file,
+            name,
+            nowait,
+            written_bytes: 0,
+            held: None,
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Keeps everything written from now on in memory, up to `bytes_max`
+    /// (allocated now, once), until [`ImageOut::release`].
+    pub fn hold(&mut self, bytes_max: usize) {
+        assert!(self.held.is_none(), "the output is already held");
+        self.held = Some(Vec::with_capacity(bytes_max));
+    }
+
+    /// Bytes held now (0 when not holding).
+    pub fn held_bytes(&self) -> usize {
+        self.held.as_ref().map_or(0, Vec::len)
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Writes out what was held, in order, and stops holding.
+    pub fn release(&mut self) -> io::Result<()> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let mut rest = &held[..];
+        while !rest.is_empty() {
+            let n = self.write_out(rest)?;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
+    fn failed(&self, cause: OutputCause) -> io::Error {
+        let kind = match &cause {
+            OutputCause::Io(error) => error.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(
+            kind,
+            OutputFailed {
+                name: self.name.clone(),
+                offset_bytes: self.written_bytes,
+                cause,
+            },
+        )
+    }
+
+    /// One write to the descriptor: at least one byte, or an error that is
+    /// never `ErrorKind::Interrupted` (which `write_all` would retry).
+    fn write_out(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            let rc = if self.nowait {
+                let iov = libc::iovec {
+                    iov_base: buf.as_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                // SAFETY: one iovec over `buf`, valid for the call; offset
+                // -1 writes at the current position (a pipe has none).
+                unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) }
+            } else {
+                // SAFETY: write from `buf`, valid for the call.
+                unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) }
+            };
+            if rc > 0 {
+                let n = rc as usize;
+                self.written_bytes += n as u64;
+                return Ok(n);
+            }
+            if rc == 0 {
+                let error = io::Error::from(io::ErrorKind::WriteZero);
+                return Err(self.failed(OutputCause::Io(error)));
+            }
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EAGAIN) if self.nowait => self.wait_for_room()?,
+                // A kernel without IOCB_NOWAIT for this kind of file.
+                Some(libc::EOPNOTSUPP) if self.nowait => self.nowait = false,
+                Some(libc::EINTR) => {}
+                _ => return Err(self.failed(OutputCause::Io(error))),
+            }
+            if crate::signals::interrupted() {
+                return Err(self.failed(OutputCause::Interrupted(crate::signals::Interrupted)));
+            }
+        }
+    }
+
+    fn wait_for_room(&self) -> io::Result<()> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::from(PIPE_WAIT_SLICE_MS)) {
+            // Ready, timed out, or interrupted: the caller looks at the
+            // signal flag and writes again (POLLERR shows as EPIPE there).
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(errno) => Err(self.failed(OutputCause::Io(io::Error::from(errno)))),
+        }
+    }
+}
+
+impl Write for ImageOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(held) = &mut self.held {
+            if held.len() + buf.len() > held.capacity() {
+                let max = held.capacity();
+                return Err(self.failed(OutputCause::HoldFull(max)));
+            }
+            held.extend_from_slice(buf);
+            return Ok(buf.len());
+        }
+        self.write_out(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

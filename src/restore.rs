@@ -11,10 +11,11 @@ use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,8 +30,31 @@ const SPARSE_BLOCK_BYTES: u64 = 4096;
 const BAD_RANGES_LISTED_MAX: usize = 64;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the restore looks at the signal flag while its input is silent.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 const _: () = assert!((CHUNK_BYTES as u64).is_multiple_of(SPARSE_BLOCK_BYTES));
 const _: () = assert!(SPARSE_BLOCK_BYTES.is_multiple_of(SECTOR_BYTES));
+
+/// Standard input, unbuffered by std: a read that a signal interrupts
+/// (EINTR; the handlers have no `SA_RESTART`) ends the restore instead of
+/// being retried, so a stalled producer cannot pin it.
+struct StdinReader(File);
+
+impl Read for StdinReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                    if signals::interrupted() {
+                        return Err(io::Error::other(signals::Interrupted));
+                    }
+                }
+                result => return result,
+            }
+        }
+    }
+}
 
 /// Where an image is read from: a path, or `-` for standard input.
 #[derive(Debug, Clone)]
@@ -50,10 +74,17 @@ impl ImageSource {
 
     fn open(&self) -> anyhow::Result<(Box<dyn BufRead + Send>, Option<u64>)> {
         match self {
-            ImageSource::Stdin => Ok((
-                Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, io::stdin())),
-                None,
-            )),
+            ImageSource::Stdin => {
+                let stdin = io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("cannot use standard input")?;
+                let input: Box<dyn Read + Send> = Box::new(StdinReader(File::from(stdin)));
+                Ok((
+                    Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, input)),
+                    None,
+                ))
+            }
             ImageSource::File(path) => {
                 let file = File::open(path)
                     .with_context(|| format!("cannot open image {}", path.display()))?;
@@ -365,7 +396,10 @@ fn read_image(
     verb: &'static str,
 ) -> anyhow::Result<Summary> {
     let (input, total_bytes) = source.open()?;
-    let mut reader = ImageReader::new(input).map_err(|e| at_image(source, e))?;
+    let mut reader = ImageReader::new(input).map_err(|e| match signals::check() {
+        Err(interrupted) => anyhow::Error::from(interrupted),
+        Ok(()) => at_image(source, e),
+    })?;
     let mut summary = Summary {
         banner: reader.banner().clone(),
         extent_bytes: reader.banner().meta.device_bytes.unwrap_or(0),
@@ -393,9 +427,20 @@ fn read_image(
 
     let mut progress = Progress::new(verb, total_bytes);
     loop {
-        let step = step_rx
-            .recv()
-            .map_err(|_| anyhow!("the image parsing thread stopped unexpectedly"))??;
+        // Woken at least this often, so that a signal ends a restore whose
+        // input stalls (the parser thread may sit in a read of stdin).
+        let step = loop {
+            match step_rx.recv_timeout(SIGNAL_CHECK_INTERVAL) {
+                Ok(step) => {
+                    signals::check()?;
+                    break step?;
+                }
+                Err(RecvTimeoutError::Timeout) => signals::check()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("the image parsing thread stopped unexpectedly")
+                }
+            }
+        };
         signals::check()?;
         match step {
             Step::Record(record) => {

@@ -489,7 +489,7 @@ fn sigterm_while_frozen_thaws() {
         &image,
         &["--freeze", "--hold-frozen-file", hold.to_str().unwrap()],
     );
-    assert!(imaging.wait_for("Frozen", RUN_TIMEOUT), "{}", imaging.log());
+    wait_for_file(&dir.path().join("hold-frozen.frozen"), &mut imaging);
     // Frozen now: a write to the filesystem blocks.
     let probe = mounted.path().join("probe");
     let writer = {
@@ -521,6 +521,19 @@ fn sigterm_while_frozen_thaws() {
     let mut cmd = hot_clone();
     cmd.arg("verify").arg(&image);
     assert_eq!(run(cmd, None).status.code(), Some(1));
+}
+
+/// Waits for the hold-frozen hook's marker (stderr is held while frozen,
+/// so no log line says it).
+fn wait_for_file(path: &Path, imaging: &mut LiveRun) {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while !path.exists() {
+        if imaging.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            imaging.finish(Duration::from_secs(1));
+            panic!("the run never held frozen: {}", imaging.log());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `--freeze` on a device with nothing mounted says so.

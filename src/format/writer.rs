@@ -116,6 +116,12 @@ impl<W: Write> ImageWriter<W> {
         Ok(self.inner)
     }
 
+    /// The inner writer, for the run's control of its output (holding it
+    /// while frozen); writing to it directly would break the stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
     /// Bytes written so far (banner, headers and data).
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written

@@ -30,7 +30,7 @@ use crate::format::{
     Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
 use crate::freeze::{self, Frozen, Mount};
-use crate::output;
+use crate::output::{self, ImageOut};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
@@ -40,7 +40,6 @@ use hdrhistogram::Histogram;
 use pending::PendingWrites;
 use rounds::{Ending, Look, RoundRead, Rounds, RoundsConfig, World};
 use serde::Serialize;
-use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +75,21 @@ pub const CATCH_UP_GAP_MERGE_BYTES: u64 = 32 << 10;
 /// converged, or ran out): the final rounds, read while frozen, then take
 /// about as long as reading this much.
 pub const FREEZE_DIRTY_BYTES_MAX: u64 = 32 << 20;
+
+/// `--freeze-timeout` by default: the time Windows VSS gives writers to
+/// stay frozen (flush-and-hold).
+pub const FREEZE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+
+/// `--freeze-memory` by default: image bytes held while frozen, written
+/// after the thaw.
+pub const FREEZE_MEMORY_DEFAULT_BYTES: usize = 256 << 20;
+
+/// What besides a section's data can reach the output with it: the
+/// buffered record lines before it, and its header.
+const HOLD_SLACK_BYTES: usize = OUTPUT_BUFFER_BYTES + 4096;
+
+/// The image stream as the run writes it.
+type Writer = ImageWriter<BufWriter<ImageOut>>;
 
 /// The pump drains the trace at least this often.
 const PUMP_INTERVAL: Duration = Duration::from_millis(2);
@@ -132,8 +146,13 @@ pub struct ImageOptions {
     /// Freeze the device's mounted filesystems for the final round.
     pub freeze: bool,
     /// Test hook: while frozen, stay frozen while this file exists (so a
-    /// test can interrupt a run while the filesystem is frozen).
+    /// test can interrupt a run while the filesystem is frozen); FILE.frozen
+    /// is created once the run holds (stderr is held while frozen).
     pub hold_frozen_file: Option<PathBuf>,
+    /// Thaw after this long at most and carry on unfrozen.
+    pub freeze_timeout: Duration,
+    /// Image bytes held in memory while frozen at most; past it, thaw.
+    pub freeze_memory_max: usize,
     /// Pace reads by the workload's write latency (`crate::adaptive`).
     pub adaptive: bool,
     /// Bytes the dirty map may take at most; `None` = enough for every
@@ -160,6 +179,8 @@ impl ImageOptions {
             main_pass_done: None,
             freeze: false,
             hold_frozen_file: None,
+            freeze_timeout: FREEZE_TIMEOUT_DEFAULT,
+            freeze_memory_max: FREEZE_MEMORY_DEFAULT_BYTES,
             adaptive: false,
             dirty_map_memory_max: None,
         }
@@ -268,6 +289,10 @@ pub struct RunStats {
     /// long writes to them were blocked.
     pub frozen: Vec<PathBuf>,
     pub freeze_seconds: Option<f64>,
+    /// Why the freeze ended before the rounds did (`--freeze-timeout`,
+    /// `--freeze-memory`): the image is then not one instant of the
+    /// filesystem.
+    pub freeze_ended_early: Option<String>,
     /// `--adaptive`: the lowest and highest read rate it set (bytes/s).
     pub adaptive_rate_range: Option<(u64, u64)>,
     pub seconds: f64,
@@ -455,8 +480,12 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
             tool: Some(format!("hot-clone/{}", env!("CARGO_PKG_VERSION"))),
         },
     };
+    let output_name = match &options.output {
+        Output::Stdout => "standard output".to_string(),
+        Output::File(path) => path.display().to_string(),
+    };
     let writer = ImageWriter::new(
-        BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, output),
+        BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, ImageOut::new(output, output_name)),
         &banner,
     )
     .context("cannot write the image")?;
@@ -477,6 +506,7 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         unclean: Mutex::new(None),
         started: Instant::now(),
         mounts,
+        freeze: Mutex::new(FreezeState::default()),
         freeze_seconds: Mutex::new(None),
         probe: Mutex::new(LatencyProbe::default()),
         rates: Mutex::new((u64::MAX, 0)),
@@ -485,11 +515,18 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
     let writer = lock(&run.writer).take();
     match result {
         Ok((verdict, mut stats)) => {
-            let Some(writer) = writer else {
+            let Some(mut writer) = writer else {
                 bail!("the image output failed earlier");
             };
-            let (mut out, trailer) = writer.finish().context("cannot write the image trailer")?;
-            out.get_mut()
+            // Thawed by now; anything still held goes out first.
+            writer
+                .get_mut()
+                .get_mut()
+                .release()
+                .context("cannot write the image")?;
+            let (out, trailer) = writer.finish().context("cannot write the image trailer")?;
+            out.get_ref()
+                .file()
                 .sync_data()
                 .or_else(ignore_unsyncable)
                 .context("cannot flush the image to its file")?;
@@ -497,7 +534,7 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
             drop(run);
             write_stats(options, &stats)?;
             // Last: FILE appears only for a run that wrote its trailer.
-            placement.commit(out.get_ref())?;
+            placement.commit(out.get_ref().file())?;
             Ok(Outcome { verdict, stats })
         }
         Err(error) => {
@@ -585,7 +622,8 @@ struct Run<'a> {
     /// Set by the pump once the device is found not to report in-range
     /// completions and nothing (no `--freeze`) can stop its writes.
     completions_missing: Mutex<Option<Completions>>,
-    writer: Mutex<Option<ImageWriter<BufWriter<File>>>>,
+    /// Lock order: `writer`, then `freeze`.
+    writer: Mutex<Option<Writer>>,
     /// Set on loss, signal or a pump error: the engine stops reading.
     stop: AtomicBool,
     lost: AtomicU64,
@@ -594,11 +632,21 @@ struct Run<'a> {
     started: Instant,
     /// `--freeze`: what to freeze for the final round.
     mounts: Vec<Mount>,
+    /// `--freeze`: the freeze, once taken; thawed by the rounds, by the
+    /// pump at `--freeze-timeout`, or by a read at `--freeze-memory`.
+    freeze: Mutex<FreezeState>,
     freeze_seconds: Mutex<Option<f64>>,
     /// `--adaptive`: the workload's write latencies, fed by every drain.
     probe: Mutex<LatencyProbe>,
     /// `--adaptive`: the lowest and highest rate set.
     rates: Mutex<(u64, u64)>,
+}
+
+/// The freeze of one run: taken once, thawed once.
+#[derive(Default)]
+struct FreezeState {
+    frozen: Option<Frozen>,
+    ended_early: Option<String>,
 }
 
 /// The outcome of waiting for the disk to have no write in flight.
@@ -729,6 +777,7 @@ impl Run<'_> {
             unconverged_changed_bytes: changed_bytes,
             frozen: self.mounts.iter().map(|m| m.mountpoint.clone()).collect(),
             freeze_seconds: *lock(&self.freeze_seconds),
+            freeze_ended_early: lock(&self.freeze).ended_early.clone(),
             adaptive_rate_range: self.options.adaptive.then(|| *lock(&self.rates)),
             seconds: self.started.elapsed().as_secs_f64(),
         };
@@ -751,10 +800,10 @@ impl Run<'_> {
         });
         let mut world = LiveWorld {
             run: self,
-            frozen: None,
             latency,
             events: Vec::new(),
             cursor: dirty::TakeCursor::new(),
+            hold_frozen_said: false,
         };
         match rounds::catch_up(&mut world, &mut policy, rounds, self.device.size_bytes)? {
             Ending::Converged => Ok((Verdict::Converged, 0)),
@@ -832,6 +881,10 @@ impl Run<'_> {
             let Some(writer) = guard.as_mut() else {
                 bail!("the image output failed earlier");
             };
+            if let Err(error) = self.make_room(writer, done.data.len()) {
+                *guard = None;
+                return Err(error);
+            }
             let written =
                 writer.write_section_checksummed(done.offset_bytes / SECTOR_BYTES, done.data, crc);
             if written.is_err() {
@@ -1056,6 +1109,7 @@ impl Run<'_> {
             if signals::interrupted() {
                 self.stop.store(true, Ordering::SeqCst);
             }
+            self.check_freeze_timeout()?;
             let drained = self.drain(false, &mut events)?;
             if last_loss_check.elapsed() >= LOSS_CHECK_INTERVAL {
                 last_loss_check = Instant::now();
@@ -1066,6 +1120,122 @@ impl Run<'_> {
             }
         }
         self.update_lost()
+    }
+
+    /// Freezes the mounts, holding the image output from just before the
+    /// first FIFREEZE (nothing may be written while frozen).
+    fn freeze_now(&self) -> anyhow::Result<String> {
+        let mut guard = lock(&self.writer);
+        let Some(writer) = guard.as_mut() else {
+            bail!("the image output failed earlier");
+        };
+        let out = writer.get_mut().get_mut();
+        out.hold(self.options.freeze_memory_max);
+        let mut state = lock(&self.freeze);
+        assert!(
+            state.frozen.is_none() && state.ended_early.is_none(),
+            "frozen once per run"
+        );
+        match Frozen::freeze(&self.mounts) {
+            Ok(frozen) => {
+                let what = frozen.describe();
+                state.frozen = Some(frozen);
+                Ok(what)
+            }
+            Err(error) => {
+                drop(state);
+                if let Err(release) = out.release() {
+                    *guard = None;
+                    return Err(release).context("cannot write the image");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn freeze_held(&self) -> bool {
+        lock(&self.freeze).frozen.is_some()
+    }
+
+    /// Thaws, if frozen. `early`: why the freeze ends before the rounds do,
+    /// said loudly; the image is then not one instant of the filesystem.
+    /// Callable from any thread; the held output is written by the next
+    /// writer ([`Run::make_room`], [`Run::release_output`]).
+    fn thaw(&self, early: Option<String>) -> anyhow::Result<()> {
+        let mut state = lock(&self.freeze);
+        let Some(frozen) = state.frozen.take() else {
+            return Ok(());
+        };
+        let what = frozen.describe();
+        let held = frozen.held_for();
+        // Stderr is the real one again once this returns.
+        let thawed = frozen.thaw();
+        eprintln!(
+            "Thawed {what}: writes were blocked for {:.0} ms",
+            held.as_secs_f64() * 1000.0
+        );
+        *lock(&self.freeze_seconds) = Some(held.as_secs_f64());
+        if let Some(why) = early {
+            eprintln!(
+                "hot-clone: WARNING: {why}, so {what} was thawed before the final round ended: the image is NOT point-in-time (not one instant of the filesystem); the run goes on unfrozen, and the image is what the trace alone can promise (crash-consistent, as without --freeze)"
+            );
+            state.ended_early = Some(why);
+        }
+        thawed.map(|_| ())
+    }
+
+    /// The pump's check of `--freeze-timeout`.
+    fn check_freeze_timeout(&self) -> anyhow::Result<()> {
+        let timeout = self.options.freeze_timeout;
+        let expired = lock(&self.freeze)
+            .frozen
+            .as_ref()
+            .is_some_and(|frozen| frozen.held_for() >= timeout);
+        if expired {
+            self.thaw(Some(format!(
+                "the freeze reached --freeze-timeout ({:.1} s)",
+                timeout.as_secs_f64()
+            )))?;
+        }
+        Ok(())
+    }
+
+    /// Before `len_bytes` of section data go to the output: while frozen,
+    /// keeps the output held unless that would pass `--freeze-memory` (then
+    /// thaws early); once thawed, writes out what was held.
+    fn make_room(&self, writer: &mut Writer, len_bytes: usize) -> anyhow::Result<()> {
+        let out = writer.get_mut().get_mut();
+        if !out.is_held() {
+            return Ok(());
+        }
+        let max = self.options.freeze_memory_max;
+        if self.freeze_held() {
+            if out.held_bytes() + len_bytes + HOLD_SLACK_BYTES <= max {
+                return Ok(());
+            }
+            self.thaw(Some(format!(
+                "the image held in memory while frozen reached --freeze-memory ({})",
+                Bytes(max as u64)
+            )))?;
+        }
+        out.release().context("cannot write the image")
+    }
+
+    /// Writes out what was held while frozen, once thawed.
+    fn release_output(&self) -> anyhow::Result<()> {
+        let mut guard = lock(&self.writer);
+        let Some(writer) = guard.as_mut() else {
+            return Ok(());
+        };
+        let out = writer.get_mut().get_mut();
+        if !out.is_held() || self.freeze_held() {
+            return Ok(());
+        }
+        let released = out.release();
+        if released.is_err() {
+            *guard = None;
+        }
+        released.context("cannot write the image")
     }
 
     fn set_rate(&self, bytes_per_second: u64) {
@@ -1105,12 +1275,12 @@ struct Traced {
 /// The catch-up rounds' view of a live run ([`rounds::World`]).
 struct LiveWorld<'r, 'a> {
     run: &'r Run<'a>,
-    /// `--freeze`: thawed when dropped, on every way out of the rounds.
-    frozen: Option<Frozen>,
     latency: &'r mut Histogram<u64>,
     events: Vec<WriteEvent>,
     /// Where the current pass's next bounded take starts.
     cursor: dirty::TakeCursor,
+    /// The hold-frozen hook's marker file was made.
+    hold_frozen_said: bool,
 }
 
 impl World for LiveWorld<'_, '_> {
@@ -1121,6 +1291,8 @@ impl World for LiveWorld<'_, '_> {
 
     fn look(&mut self, extents: &mut Vec<dirty::Extent>) -> anyhow::Result<Look> {
         let run = self.run;
+        // Thawed early by the pump (timeout): what was held goes out.
+        run.release_output()?;
         self.events.clear();
         let (dirty_bytes, pass_whole, pending, completions) = {
             // Drain and take under one hold of the lock: no pump drain can
@@ -1163,6 +1335,26 @@ impl World for LiveWorld<'_, '_> {
         // in a plug, the scheduler, rq-qos or a tag wait (`blk_mq_in_flight`
         // counts started requests only).
         let (_, writes_in_flight) = run.device.inflight()?;
+        // After the take: held now means held since the freeze (a freeze
+        // that ended is never taken again).
+        let frozen = run.freeze_held();
+        let hold_frozen = frozen
+            && run
+                .options
+                .hold_frozen_file
+                .as_deref()
+                .is_some_and(Path::exists);
+        if hold_frozen && !self.hold_frozen_said {
+            // Test hook: stderr is held while frozen, so say it in a file
+            // beside the hold file (never on a frozen filesystem: the test
+            // puts it elsewhere).
+            self.hold_frozen_said = true;
+            if let Some(file) = &run.options.hold_frozen_file {
+                let mut said = file.as_os_str().to_owned();
+                said.push(".frozen");
+                let _ = std::fs::write(said, b"");
+            }
+        }
         Ok(Look {
             dirty_bytes,
             extent_count: extents.len(),
@@ -1171,13 +1363,9 @@ impl World for LiveWorld<'_, '_> {
             pending,
             completions,
             writes_in_flight,
-            held: self.frozen.is_none() && run.held(),
-            hold_frozen: self.frozen.is_some()
-                && run
-                    .options
-                    .hold_frozen_file
-                    .as_deref()
-                    .is_some_and(Path::exists),
+            held: !frozen && run.held(),
+            hold_frozen,
+            frozen,
             now: Instant::now(),
         })
     }
@@ -1200,23 +1388,13 @@ impl World for LiveWorld<'_, '_> {
     }
 
     fn freeze(&mut self) -> anyhow::Result<String> {
-        let frozen = Frozen::freeze(&self.run.mounts)?;
-        let what = frozen.describe();
-        self.frozen = Some(frozen);
-        Ok(what)
+        self.run.freeze_now()
     }
 
     fn thaw(&mut self) -> anyhow::Result<()> {
-        if let Some(frozen) = self.frozen.take() {
-            let what = frozen.describe();
-            let held = frozen.thaw()?;
-            eprintln!(
-                "Thawed {what}: writes were blocked for {:.0} ms",
-                held.as_secs_f64() * 1000.0
-            );
-            *lock(&self.run.freeze_seconds) = Some(held.as_secs_f64());
-        }
-        Ok(())
+        let thawed = self.run.thaw(None);
+        let released = self.run.release_output();
+        thawed.and(released)
     }
 
     fn dirty_bytes(&mut self) -> u64 {
@@ -1304,14 +1482,20 @@ pub fn print_summary(outcome: &Outcome) {
     );
     if let Some(seconds) = stats.freeze_seconds {
         eprintln!(
-            "Summary: froze {} for {:.0} ms",
+            "Summary: froze {} for {:.0} ms{}",
             stats
                 .frozen
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            seconds * 1000.0
+            seconds * 1000.0,
+            match &stats.freeze_ended_early {
+                Some(why) => format!(
+                    ", thawed early ({why}): the image is NOT point-in-time, only crash-consistent"
+                ),
+                None => String::new(),
+            }
         );
     }
     eprintln!(

@@ -110,6 +110,10 @@ pub struct Look {
     pub held: bool,
     /// Test hook: stay frozen.
     pub hold_frozen: bool,
+    /// The freeze was still held after this look's take. A freeze that ends
+    /// early (`--freeze-timeout`, `--freeze-memory`) is never taken again,
+    /// so a look that finds it held knows it was held since it began.
+    pub frozen: bool,
     pub now: Instant,
 }
 
@@ -141,6 +145,8 @@ pub struct Rounds {
     /// Rounds counted towards `rounds_max` (held rounds are not).
     counted: u32,
     frozen: bool,
+    /// The freeze ended early: the rest of the run is by the trace alone.
+    freeze_spent: bool,
     /// Since when looks have found nothing to read but writes in flight.
     waiting_since: Option<Instant>,
 }
@@ -151,6 +157,7 @@ impl Rounds {
             config,
             counted: 0,
             frozen: false,
+            freeze_spent: false,
             waiting_since: None,
         }
     }
@@ -159,9 +166,23 @@ impl Rounds {
         self.frozen
     }
 
+    /// Whether the freeze ended before the rounds did.
+    #[cfg(test)]
+    pub fn freeze_spent(&self) -> bool {
+        self.freeze_spent
+    }
+
     pub fn decide(&mut self, look: &Look) -> Step {
+        if self.frozen && !look.frozen {
+            // Thawed early (timeout or memory bound): from here on the run
+            // converges, or not, by the trace's rules alone, and a device
+            // without in-range completions cannot converge at all.
+            self.frozen = false;
+            self.freeze_spent = true;
+        }
+        let may_freeze = self.config.freeze && !self.freeze_spent;
         let missing = matches!(look.completions, Completions::Missing { .. });
-        if missing && !self.config.freeze {
+        if missing && !may_freeze {
             return Step::NoCompletions;
         }
         let nothing = look.extent_count == 0;
@@ -169,7 +190,7 @@ impl Rounds {
         // never clear; the freeze is what stops them.
         let quiet = look.writes_in_flight == 0 && (missing || look.pending.is_empty());
         let would_converge = nothing && quiet;
-        if self.config.freeze
+        if may_freeze
             && !self.frozen
             && !look.held
             && (missing

@@ -236,6 +236,7 @@ impl World for Sim {
             writes_in_flight: self.inflight(),
             held: self.tick < self.held_until,
             hold_frozen: false,
+            frozen: self.frozen,
             now,
         })
     }
@@ -441,6 +442,7 @@ fn policy_freezes_when_the_dirty_set_is_small() {
         writes_in_flight: 0,
         held: false,
         hold_frozen: false,
+        frozen: false,
         now: Instant::now(),
     };
     assert_eq!(rounds.decide(&look), Step::Freeze);
@@ -449,9 +451,67 @@ fn policy_freezes_when_the_dirty_set_is_small() {
     let quiet = Look {
         dirty_bytes: 0,
         extent_count: 0,
+        frozen: true,
         ..look
     };
     assert_eq!(rounds.decide(&quiet), Step::Converged);
+}
+
+#[test]
+fn a_freeze_that_ends_early_is_not_taken_again_and_cannot_vouch_for_missing_completions() {
+    let base = Look {
+        dirty_bytes: 4096,
+        extent_count: 1,
+        pass_complete: true,
+        pass_whole: true,
+        pending: PendingSummary {
+            sectors: 0,
+            stalest: None,
+        },
+        completions: Completions::Reported,
+        writes_in_flight: 0,
+        held: false,
+        hold_frozen: false,
+        frozen: false,
+        now: Instant::now(),
+    };
+    // A device that reports completions: after the early thaw, the normal
+    // rules; a small dirty set does not freeze again.
+    let mut rounds = Rounds::new(RoundsConfig {
+        freeze_dirty_bytes_max: 1 << 20,
+        ..config(true)
+    });
+    assert_eq!(rounds.decide(&base), Step::Freeze);
+    let thawed = Look {
+        frozen: false,
+        ..base
+    };
+    assert_eq!(rounds.decide(&thawed), Step::Read { remark: false });
+    assert!(rounds.freeze_spent() && !rounds.is_frozen());
+    let quiet = Look {
+        dirty_bytes: 0,
+        extent_count: 0,
+        ..thawed
+    };
+    assert_eq!(rounds.decide(&quiet), Step::Converged);
+
+    // A device that does not: the freeze was its only promise.
+    let mut rounds = Rounds::new(config(true));
+    let missing = Look {
+        completions: Completions::Missing {
+            sector_first: Some(0),
+            waited: Duration::from_secs(3),
+            matched_total: 0,
+        },
+        ..base
+    };
+    assert_eq!(rounds.decide(&missing), Step::Freeze);
+    let frozen = Look {
+        frozen: true,
+        ..missing
+    };
+    assert_eq!(rounds.decide(&frozen), Step::Read { remark: false });
+    assert_eq!(rounds.decide(&missing), Step::NoCompletions);
 }
 
 #[test]
@@ -471,6 +531,7 @@ fn policy_waits_on_pending_writes_and_on_inflight() {
         writes_in_flight: 0,
         held: false,
         hold_frozen: false,
+        frozen: false,
         now,
     };
     let pending = Look {

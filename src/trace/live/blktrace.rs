@@ -87,6 +87,9 @@ static NODE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// `BLKTRACESETUP` done on `disk`: dropping it stops and tears down the trace.
 struct Session {
+    /// A second signal stops and tears the trace down from the handler
+    /// (`crate::signals`); dropped before `disk` closes.
+    _emergency: [crate::signals::Emergency; 2],
     disk: File,
     started: bool,
 }
@@ -300,6 +303,10 @@ pub fn open_blktrace(
     }
     // From here on, dropping `session` tears the trace down.
     let mut session = Session {
+        _emergency: [
+            crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACESTOP),
+            crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACETEARDOWN),
+        ],
         disk,
         started: false,
     };

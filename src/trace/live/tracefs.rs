@@ -169,6 +169,9 @@ pub fn stale_action(
 /// (`EBUSY`).
 struct Instance {
     path: PathBuf,
+    /// A second signal switches the instance off from the handler
+    /// (`crate::signals`); the next run removes it.
+    _emergency: crate::signals::Emergency,
 }
 
 impl Instance {
@@ -180,7 +183,13 @@ impl Instance {
                 .join("instances")
                 .join(InstanceName::format(&identity, counter));
             match fs::create_dir(&path) {
-                Ok(()) => return Ok(Instance { path }),
+                Ok(()) => {
+                    let emergency = crate::signals::Emergency::write_zero(&path.join("tracing_on"));
+                    return Ok(Instance {
+                        path,
+                        _emergency: emergency,
+                    });
+                }
                 // Left by an earlier process with our pid: not ours to use.
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(error) => return Err(io_error("cannot create tracefs instance", &path, error)),
