@@ -105,12 +105,13 @@ mib = 2**20
 memory = stats["dirty_map_memory_bytes"]
 per_tib = memory * 2**40 / stats["device_bytes"]
 taken = sum(r["dirty_bytes"] for r in stats["rounds"]) // 4096
+largest = max((r["dirty_bytes"] for r in stats["rounds"]), default=0) // 4096
 print(f"{size} {percent}% {pattern}: {int(blocks)} blocks to write, {taken} dirty blocks taken "
       f"({100 * taken * 4096 / stats['device_bytes']:.3f}% of the device), "
       f"{stats['events']['writes_seen']} write events, lost {stats['events']['lost']}; "
       f"dirty map {memory / mib:.2f} MiB = {per_tib / mib:.2f} MiB per TiB "
       f"(bound {stats['dirty_map_memory_max_bytes'] / mib:.2f} MiB, "
       f"{stats['dirty_map_whole_region_marks']} whole-region marks); "
-      f"peak RSS {rss_kib / 1024:.0f} MiB; catch-up re-read {stats['catch_up']['bytes'] / mib:.0f} MiB; "
+      f"largest take {largest} blocks; peak RSS {rss_kib / 1024:.0f} MiB; catch-up re-read {stats['catch_up']['bytes'] / mib:.0f} MiB; "
       f"main pass {stats['main_pass']['seconds']:.0f} s; converged {stats['converged']}")
 EOF
