@@ -370,45 +370,62 @@ impl PendingWrites {
         }
     }
 
-    /// Removes from the early completions what a write queued at
-    /// `timestamp_ns` over `[first, end)` explains (completions after it),
-    /// and returns the parts of the range they do not cover.
+    /// Ends, with the early completions, what a write queued at
+    /// `timestamp_ns` over `[first, end)` explains, and returns the parts of
+    /// the range they do not cover. Each sector of the write takes at most
+    /// one early completion — a completion ends one write — the earliest one
+    /// after the write's queue event (the closest partner; later ones are
+    /// left for later writes).
     fn take_early(&mut self, first: u64, end: u64, timestamp_ns: u64) -> Vec<(u64, u64)> {
-        let mut covered: Vec<(u64, u64)> = Vec::new();
+        self.early.sort_by_key(|e| e.timestamp_ns);
+        let mut open: Vec<(u64, u64)> = vec![(first, end)];
         let mut kept: Vec<Early> = Vec::with_capacity(self.early.len());
-        for early in self.early.drain(..) {
-            let overlap_first = early.sector_first.max(first);
-            let overlap_end = early.sector_end.min(end);
-            if overlap_first >= overlap_end || early.timestamp_ns <= timestamp_ns {
+        for early in std::mem::take(&mut self.early) {
+            if early.timestamp_ns <= timestamp_ns || open.is_empty() {
                 kept.push(early);
                 continue;
             }
-            covered.push((overlap_first, overlap_end));
-            if early.sector_first < overlap_first {
-                kept.push(Early {
-                    sector_end: overlap_first,
-                    ..early
-                });
+            // The parts of `early` that meet an open part of the write are
+            // used up on both sides; the rest of each stays.
+            let mut early_left: Vec<(u64, u64)> = vec![(early.sector_first, early.sector_end)];
+            let mut still_open: Vec<(u64, u64)> = Vec::with_capacity(open.len() + 1);
+            for &(open_first, open_end) in &open {
+                let mut cursor = open_first;
+                let mut pieces: Vec<(u64, u64)> = Vec::new();
+                for &(e_first, e_end) in &early_left {
+                    let a = e_first.max(cursor);
+                    let b = e_end.min(open_end);
+                    if a >= b {
+                        pieces.push((e_first, e_end));
+                        continue;
+                    }
+                    if cursor < a {
+                        still_open.push((cursor, a));
+                    }
+                    cursor = b;
+                    if e_first < a {
+                        pieces.push((e_first, a));
+                    }
+                    if b < e_end {
+                        pieces.push((b, e_end));
+                    }
+                }
+                if cursor < open_end {
+                    still_open.push((cursor, open_end));
+                }
+                pieces.sort_unstable();
+                early_left = pieces;
             }
-            if overlap_end < early.sector_end {
+            open = still_open;
+            for (sector_first, sector_end) in early_left {
                 kept.push(Early {
-                    sector_first: overlap_end,
+                    sector_first,
+                    sector_end,
                     ..early
                 });
             }
         }
         self.early = kept;
-        let mut open = Vec::new();
-        let mut cursor = first;
-        for (start, stop) in coalesce(covered) {
-            if start > cursor {
-                open.push((cursor, start));
-            }
-            cursor = cursor.max(stop);
-        }
-        if cursor < end {
-            open.push((cursor, end));
-        }
         open
     }
 
@@ -555,6 +572,43 @@ mod tests {
         pending.completed(0, 8, 453_713, t);
         assert!(pending.summary().is_empty(), "{:?}", pending.pieces);
         assert!(pending.early.is_empty());
+    }
+
+    #[test]
+    fn one_queue_event_ends_one_early_completion() {
+        // Seen on a loop device with writes hammering its last block: two
+        // completions drained before their queue events. Each write takes
+        // one of them, the earliest after it.
+        let t = Instant::now();
+        let mut pending = PendingWrites::default();
+        pending.completed(98_296, 8, 528_312, t);
+        pending.completed(98_296, 8, 529_560, t);
+        pending.queued(98_296, 8, 528_224, t);
+        assert_eq!(pending.early.len(), 1);
+        assert_eq!(pending.early[0].timestamp_ns, 529_560);
+        pending.queued(98_296, 8, 529_453, t);
+        assert!(pending.summary().is_empty(), "{:?}", pending.pieces);
+        assert!(pending.early.is_empty());
+    }
+
+    #[test]
+    fn an_early_completion_covers_only_what_it_overlaps() {
+        let t = Instant::now();
+        let mut pending = PendingWrites::default();
+        pending.completed(0, 8, 100, t);
+        pending.completed(4, 8, 101, t);
+        // 0..8 from the first, 8..12 from the second; 4..8 of the second
+        // is left for another write.
+        pending.queued(0, 12, 50, t);
+        assert!(pending.summary().is_empty());
+        assert_eq!(
+            pending
+                .early
+                .iter()
+                .map(|e| (e.sector_first, e.sector_end))
+                .collect::<Vec<_>>(),
+            [(4, 8)]
+        );
     }
 
     #[test]
