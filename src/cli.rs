@@ -189,6 +189,16 @@ pub struct ImageArgs {
     /// is finished, marked NOT converged, and the exit status is 3.
     #[arg(long, value_name = "N", default_value_t = image::ROUNDS_MAX_DEFAULT)]
     pub max_rounds: u32,
+    /// Re-reads of each logical block that fails with a read error about
+    /// its range (EIO, ENODATA, EILSEQ, EREMOTEIO) before it counts as
+    /// unreadable and becomes a B: record in the image (at most 64).
+    #[arg(long, value_name = "N", default_value_t = image::READ_RETRIES_DEFAULT)]
+    pub read_retries: u32,
+    /// End the run, with no trailer and exit 1, once more than BYTES of the
+    /// device cannot be read (e.g. 64M); the default stops a dead device
+    /// after 1 GiB of failing reads.
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_bytes)]
+    pub max_bad_bytes: u64,
     /// Log every write event seen (Q queued, C completed) on stderr.
     #[arg(long)]
     pub print_writes: bool,
@@ -391,10 +401,13 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.freeze_timeout = args.freeze_timeout;
     options.freeze_memory_max = usize::try_from(args.freeze_memory)
         .map_err(|_| anyhow::anyhow!("--freeze-memory {}: too large", args.freeze_memory))?;
+    options.read_retries = args.read_retries;
+    options.max_bad_bytes = args.max_bad_bytes;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
+    let unreadable_bytes = outcome.stats.unreadable.bytes;
     Ok(match outcome.verdict {
-        Verdict::Converged => {
+        Verdict::Converged if unreadable_bytes == 0 => {
             match &outcome.stats.freeze_ended_early {
                 Some(why) => eprintln!(
                     "Done, but NOT point-in-time: {why}, so the freeze ended early; the image is crash-consistent, as without --freeze"
@@ -403,8 +416,23 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
             }
             Exit::Success
         }
+        Verdict::Converged => {
+            eprintln!(
+                "Done, but {unreadable_bytes} bytes of {} could not be read: the image records them as bad ranges and holds nothing for them (see above)",
+                options.device.display()
+            );
+            Exit::Unreadable
+        }
+        // Exit 3 wins over 6: an unconverged image is not a consistent copy.
         Verdict::Unconverged { .. } => {
-            eprintln!("Done, but NOT converged (see the warning above)");
+            eprintln!(
+                "Done, but NOT converged (see the warning above){}",
+                if unreadable_bytes > 0 {
+                    format!(", and {unreadable_bytes} bytes could not be read")
+                } else {
+                    String::new()
+                }
+            );
             Exit::Incomplete
         }
     })

@@ -24,6 +24,11 @@ pub enum Exit {
     /// Imaging: the device does not report where its writes complete and
     /// `--freeze` was not given; the image has no trailer.
     CompletionsMissing = 5,
+    /// Imaging: converged and complete except for ranges the device could
+    /// not read; the image has its trailer and a `B:` record for each.
+    /// (Unconverged and unreadable ranges together exit 3: the image is not
+    /// even a consistent copy, the weaker promise wins.)
+    Unreadable = 6,
     /// Stopped by SIGINT or SIGTERM; cleaned up.
     Interrupted = 130,
 }

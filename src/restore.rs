@@ -28,6 +28,8 @@ const INPUT_BUFFER_BYTES: usize = 1 << 20;
 const SPARSE_BLOCK_BYTES: u64 = 4096;
 /// How many bad ranges a summary lists (the rest are only counted).
 const BAD_RANGES_LISTED_MAX: usize = 64;
+/// How many of them the warning names.
+const BAD_RANGES_WARNED_MAX: usize = 16;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the restore looks at the signal flag while its input is silent.
@@ -125,6 +127,7 @@ pub struct Summary {
     /// Bad ranges, the first [`BAD_RANGES_LISTED_MAX`] of them.
     pub bad_ranges: Vec<Extent>,
     pub bad_range_count: u64,
+    pub bad_bytes: u64,
     /// The size the restored device or file has: the largest section end,
     /// or the size the banner declares if larger.
     pub extent_bytes: u64,
@@ -147,16 +150,25 @@ impl Summary {
             let listed: Vec<String> = self
                 .bad_ranges
                 .iter()
-                .map(|e| format!("sector {} +{} bytes", e.sector, e.len_bytes))
+                .take(BAD_RANGES_WARNED_MAX)
+                .map(|e| {
+                    format!(
+                        "bytes {}..{}",
+                        e.offset_bytes(),
+                        e.offset_bytes() + e.len_bytes
+                    )
+                })
                 .collect();
             reasons.push(format!(
-                "{} range(s) could not be read from the source and hold zeros: {}{}",
+                "{} range(s), {} ({} bytes), could not be read from the source; the image holds nothing for them and the restored bytes there are zeros (a hole in a file, zeros written on a device): {}{}",
                 self.bad_range_count,
+                Bytes(self.bad_bytes),
+                self.bad_bytes,
                 listed.join(", "),
                 if self.bad_range_count > listed.len() as u64 {
-                    ", ..."
+                    format!(", ... ({} more)", self.bad_range_count - listed.len() as u64)
                 } else {
-                    ""
+                    String::new()
                 }
             ));
         }
@@ -188,6 +200,12 @@ impl Summary {
         ));
         if self.zero_bytes > 0 {
             out.push_str(&format!("zero-extent bytes: {}\n", self.zero_bytes));
+        }
+        if self.bad_range_count > 0 {
+            out.push_str(&format!(
+                "unreadable: {} ranges, {} bytes (restored as zeros)\n",
+                self.bad_range_count, self.bad_bytes
+            ));
         }
         out.push_str(&format!(
             "extent: {} bytes ({})\n",
@@ -455,6 +473,7 @@ fn read_image(
                         sink.admit(extent)?;
                         sink.zero(extent.offset_bytes(), extent.len_bytes)?;
                         summary.bad_range_count += 1;
+                        summary.bad_bytes += extent.len_bytes;
                         if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
                             summary.bad_ranges.push(extent);
                         }

@@ -7,8 +7,11 @@
 //! flight for that long and a read meanwhile returns the old data — the
 //! race a live imager's catch-up must survive. `--eio START..END` makes
 //! reads (and with `--eio-writes`, writes) that touch the range fail with
-//! EIO. The file is opened with FOPEN_DIRECT_IO, so no page cache sits
-//! between the loop device and this server.
+//! EIO. `--eio-file F` adds the ranges listed in F (one START..END a line)
+//! and re-reads F every 50 ms, so a range can start (or stop) failing while
+//! the disk is in use: a block that turns bad after an imager's main pass.
+//! The file is opened with FOPEN_DIRECT_IO, so no page cache sits between
+//! the loop device and this server.
 //!
 //! Mounts with the mount(2) syscall (needs root; no fusermount). Runs until
 //! SIGINT/SIGTERM, then unmounts.
@@ -25,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Parser, Debug)]
@@ -49,6 +52,20 @@ struct Args {
     /// Fail writes in the --eio ranges too (reads always fail there).
     #[arg(long)]
     eio_writes: bool,
+    /// More EIO ranges, one START..END a line, re-read every 50 ms while the
+    /// disk runs (a missing or empty file: none). --eio-writes applies to
+    /// them too.
+    #[arg(long, value_name = "FILE")]
+    eio_file: Option<PathBuf>,
+}
+
+/// The ranges listed in an --eio-file's text.
+fn parse_ranges(text: &str) -> Result<Vec<(u64, u64)>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(parse_range)
+        .collect()
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -70,7 +87,8 @@ struct SlowDisk {
     backing: Arc<File>,
     size: u64,
     write_delay: Duration,
-    eio: Vec<(u64, u64)>,
+    /// The --eio ranges, then those of the --eio-file as last read.
+    eio: Arc<RwLock<Vec<(u64, u64)>>>,
     eio_writes: bool,
 }
 
@@ -102,6 +120,8 @@ impl SlowDisk {
 
     fn faulty(&self, offset: u64, len: u64) -> bool {
         self.eio
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .any(|&(start, end)| offset < end && start < offset.saturating_add(len))
     }
@@ -293,11 +313,34 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if size == 0 {
         bail!("{} is empty", args.backing.display());
     }
+    let eio = Arc::new(RwLock::new(args.eio.clone()));
+    let read_eio_file = |path: &PathBuf| -> anyhow::Result<Option<String>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+        }
+    };
+    let mut eio_file_text = None;
+    let mut apply_eio_file = |text: Option<String>| -> anyhow::Result<()> {
+        if text == eio_file_text {
+            return Ok(());
+        }
+        let mut ranges = args.eio.clone();
+        ranges.extend(parse_ranges(text.as_deref().unwrap_or("")).map_err(anyhow::Error::msg)?);
+        *eio.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ranges;
+        eio_file_text = text;
+        Ok(())
+    };
+    if let Some(path) = &args.eio_file {
+        apply_eio_file(read_eio_file(path)?)?;
+    }
     let disk = SlowDisk {
         backing: Arc::new(backing),
         size,
         write_delay: Duration::from_millis(args.write_delay_ms),
-        eio: args.eio.clone(),
+        eio: Arc::clone(&eio),
         eio_writes: args.eio_writes,
     };
     let mut config = Config::default();
@@ -314,9 +357,28 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if session.guard.is_finished() {
             bail!("the FUSE session ended");
         }
+        if let Some(path) = &args.eio_file {
+            apply_eio_file(read_eio_file(path)?)?;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     session
         .umount_and_join()
         .with_context(|| format!("cannot unmount {}", args.mountpoint.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eio_files_list_ranges_a_line() {
+        assert_eq!(parse_ranges(""), Ok(vec![]));
+        assert_eq!(
+            parse_ranges("4096..8192\n\n 1M..2M \n"),
+            Ok(vec![(4096, 8192), (1 << 20, 2 << 20)])
+        );
+        assert!(parse_ranges("8192..4096").is_err());
+        assert!(parse_ranges("4096").is_err());
+    }
 }

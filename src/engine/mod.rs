@@ -30,6 +30,16 @@
 //! Overlapping widened neighbours (sorted input, as the dirty map yields it)
 //! are read once.
 //!
+//! # Unreadable ranges
+//!
+//! With a [`Salvage`] (`read_extents_salvaging`), a read that fails with an
+//! error about its range (EIO, ENODATA, EILSEQ, EREMOTEIO; `salvage.rs`
+//! says why these and no others) does not end the call: its worker re-reads
+//! the chunk in pieces and then block by block, retrying each failing block
+//! `retries` times, delivers every block that reads and reports each run
+//! of blocks that stays unreadable ([`Unreadable`]). The main path stays as
+//! it is (no allocation, no extra syscall); only a failed read pays.
+//!
 //! # Defaults
 //!
 //! `0` in any [`EngineConfig`] field means "the engine picks": threads = CPUs
@@ -44,9 +54,11 @@
 
 mod plan;
 mod pool;
+mod salvage;
 mod tune;
 mod worker;
 
+pub use salvage::{PIECE_BYTES as SALVAGE_PIECE_BYTES, RETRIES_MAX, is_range_error};
 pub use tune::DeviceKind;
 
 use crate::device::SourceDevice;
@@ -203,11 +215,40 @@ pub struct ReadDone<'a> {
     pub data: &'a [u8],
 }
 
+/// A run of logical blocks the device could not read, after retries:
+/// reported to [`Salvage::report`] instead of failing the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Block-aligned, inside what was asked for (widened).
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// The errno of the last failed read of it (a range error).
+    pub errno: i32,
+}
+
+/// How a read that fails with a range error is salvaged
+/// ([`Engine::read_extents_salvaging`]).
+pub struct Salvage<'a> {
+    /// Re-reads of each block that failed (`--read-retries`), capped at
+    /// [`RETRIES_MAX`].
+    pub retries: u32,
+    /// Called on the worker thread for each unreadable run, merged per
+    /// chunk, in any order; an error fails the call like a deliver error.
+    pub report: &'a (dyn Fn(Unreadable) -> anyhow::Result<()> + Sync),
+}
+
 /// What one `read_extents` call did.
 #[derive(Clone, Debug)]
 pub struct ReadStats {
-    /// Bytes delivered (the widened ranges).
+    /// Bytes delivered (the widened ranges, less what was unreadable).
     pub bytes_read: u64,
+    /// Bytes reported unreadable.
+    pub bytes_unreadable: u64,
+    /// Chunks whose read failed and were salvaged.
+    pub chunks_salvaged: u64,
+    /// Reads the salvage issued, and of those the retries of a block.
+    pub salvage_reads: u64,
+    pub retry_reads: u64,
     /// Reads delivered (a read resubmitted after a short read counts once).
     pub reads: u64,
     /// Per read, first submission to final completion, microseconds;
@@ -228,11 +269,13 @@ pub struct IoUringUnavailable {
     pub reason: String,
 }
 
-/// A read of the device failed (after retries, for EAGAIN/EINTR).
+/// A read of the device failed (after retries, for EAGAIN/EINTR) with an
+/// error that is not about its range, or with any error when not salvaging.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot read {len_bytes} bytes at byte offset {offset_bytes} of {}: {source}",
-    device.display()
+    "cannot read {len_bytes} bytes at byte offset {offset_bytes} of {}: {source}; {}",
+    device.display(),
+    read_error_advice(source.raw_os_error())
 )]
 pub struct ReadError {
     pub device: PathBuf,
@@ -247,6 +290,24 @@ pub struct ReadError {
 impl ReadError {
     pub fn errno(&self) -> Option<i32> {
         self.source.raw_os_error()
+    }
+}
+
+/// What a user can do about a failed read, by errno.
+fn read_error_advice(errno: Option<i32>) -> &'static str {
+    match errno {
+        Some(errno) if is_range_error(errno) => {
+            "the device cannot read there (a bad sector or a failing disk)"
+        }
+        Some(libc::ENOMEDIUM) => {
+            "the medium was removed; put it back and image again (this is not a bad range, so the run stopped)"
+        }
+        Some(libc::ENODEV | libc::ENXIO) => {
+            "the device went offline or away; check its connection and dmesg, and image again"
+        }
+        _ => {
+            "this error says nothing about these bytes, so the run stopped rather than record readable data as lost; check dmesg and image again"
+        }
     }
 }
 
@@ -405,10 +466,29 @@ impl Engine {
     /// `deliver` is re-raised here, also after every read has completed.
     ///
     /// `progress` is increased by each delivered read's length.
+    ///
+    /// Any failed read is a [`ReadError`]; [`Engine::read_extents_salvaging`]
+    /// keeps what reads around an unreadable range instead.
     pub fn read_extents(
         &self,
         extents: &[Extent],
         deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
+        progress: Option<&AtomicU64>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<ReadStats> {
+        self.read_extents_salvaging(extents, deliver, None, progress, stop)
+    }
+
+    /// [`Engine::read_extents`], and with `salvage` a read that fails with a
+    /// range error is split down to the logical block: every block that
+    /// reads is delivered, each run that stays unreadable after the retries
+    /// is reported to `salvage.report` (module documentation). `progress`
+    /// then counts unreadable bytes too, so that it reaches the total.
+    pub fn read_extents_salvaging(
+        &self,
+        extents: &[Extent],
+        deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
+        salvage: Option<&Salvage<'_>>,
         progress: Option<&AtomicU64>,
         stop: &AtomicBool,
     ) -> anyhow::Result<ReadStats> {
@@ -435,6 +515,7 @@ impl Engine {
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
             pacer: Some(&self.pacer),
+            salvage,
         };
         // No more workers than reads: a catch-up of one block uses one.
         let crew = (geometry
@@ -492,6 +573,10 @@ impl Engine {
         }
         Ok(ReadStats {
             bytes_read: reports.iter().map(|r| r.bytes_read).sum(),
+            bytes_unreadable: reports.iter().map(|r| r.bytes_unreadable).sum(),
+            chunks_salvaged: reports.iter().map(|r| r.chunks_salvaged).sum(),
+            salvage_reads: reports.iter().map(|r| r.salvage_reads).sum(),
+            retry_reads: reports.iter().map(|r| r.retry_reads).sum(),
             reads: reports.iter().map(|r| r.reads).sum(),
             latency_us,
             elapsed: started.elapsed(),
@@ -571,6 +656,8 @@ pub(crate) struct Job<'a> {
     halted: AtomicBool,
     first_error: Mutex<Option<anyhow::Error>>,
     pacer: Option<&'a Pacer>,
+    /// Salvage reads that fail with a range error instead of failing.
+    pub salvage: Option<&'a Salvage<'a>>,
 }
 
 impl Job<'_> {

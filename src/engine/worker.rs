@@ -15,7 +15,8 @@
 //! before the pool, so the kernel never writes into freed memory.
 
 use super::plan::Chunk;
-use super::{Job, ReadDone, ReadError};
+use super::salvage::{self, SalvagePlan, SalvageStop};
+use super::{Job, ReadDone, ReadError, Salvage, Unreadable};
 use hdrhistogram::Histogram;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::io;
@@ -54,9 +55,16 @@ struct ReadInFlight {
 }
 
 /// Counters of one worker for one `read_extents` call.
+#[derive(Default)]
 pub(crate) struct WorkerReport {
     pub bytes_read: u64,
     pub reads: u64,
+    /// Salvage (see `salvage.rs`): bytes reported unreadable, chunks that
+    /// needed it, the reads it issued and how many of them were retries.
+    pub bytes_unreadable: u64,
+    pub chunks_salvaged: u64,
+    pub salvage_reads: u64,
+    pub retry_reads: u64,
 }
 
 pub(crate) struct WorkerRing {
@@ -177,10 +185,7 @@ impl WorkerRing {
     /// this ring's reads to complete, and then continues unwinding.
     pub fn run(&mut self, job: &Job<'_>) -> WorkerReport {
         self.latency_us.reset();
-        let mut report = WorkerReport {
-            bytes_read: 0,
-            reads: 0,
-        };
+        let mut report = WorkerReport::default();
         if let Some(reason) = &self.broken {
             job.fail(anyhow::anyhow!(
                 "the read engine is unusable after an earlier io_uring failure: {reason}"
@@ -374,6 +379,13 @@ impl WorkerRing {
                     "read of slot {slot_index} failed with errno {errno}: the engine passed a bad buffer or file"
                 );
             }
+            if let Some(salvage) = job.salvage
+                && salvage::is_range_error(errno)
+                && !job.is_halted()
+            {
+                self.salvage_chunk(job, report, slot_index, read, salvage);
+                return;
+            }
             job.fail(anyhow::Error::new(ReadError {
                 device: job.device.to_path_buf(),
                 offset_bytes,
@@ -418,46 +430,195 @@ impl WorkerRing {
             }
             return;
         }
+        self.record_latency(&read);
+        job.poll_stop();
+        if self.deliver(
+            job,
+            report,
+            slot_index,
+            chunk,
+            chunk.offset_bytes,
+            chunk.len_bytes,
+        ) {
+            report.reads += 1;
+        }
+        self.free(slot_index);
+    }
+
+    fn record_latency(&mut self, read: &ReadInFlight) {
         let latency_us = read
             .submitted_at
             .elapsed()
             .as_micros()
             .min(u128::from(LATENCY_US_MAX)) as u64;
         self.latency_us.saturating_record(latency_us.max(1));
-        job.poll_stop();
-        if !job.is_halted() {
-            // SAFETY: the completion is reaped, so the kernel is done with the
-            // slot; it holds chunk.len_bytes bytes it wrote (the read is
-            // complete); and the slot is neither resubmitted nor freed until
-            // deliver returns, after which the slice is gone.
-            let data = unsafe {
-                std::slice::from_raw_parts(
-                    self.slot_ptrs[slot_index].cast_const(),
-                    chunk.len_bytes as usize,
+    }
+
+    /// Lends `len_bytes` of slot `slot_index` from device byte `offset_bytes`
+    /// (inside `chunk`, whose bytes the slot holds) to `deliver`, unless the
+    /// job is halted; true if delivered. The caller frees the slot after.
+    fn deliver(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        slot_index: usize,
+        chunk: Chunk,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> bool {
+        if job.is_halted() {
+            return false;
+        }
+        assert!(
+            offset_bytes >= chunk.offset_bytes
+                && offset_bytes + u64::from(len_bytes)
+                    <= chunk.offset_bytes + u64::from(chunk.len_bytes),
+            "a delivery inside its chunk"
+        );
+        let at = (offset_bytes - chunk.offset_bytes) as usize;
+        // SAFETY: the completion is reaped, so the kernel is done with the
+        // slot; it holds the chunk's bytes in [at, at + len) (the read, or
+        // its salvage, filled them); and the slot is neither resubmitted nor
+        // freed until deliver returns, after which the slice is gone.
+        let data = unsafe {
+            std::slice::from_raw_parts(
+                self.slot_ptrs[slot_index].cast_const().add(at),
+                len_bytes as usize,
+            )
+        };
+        match (job.deliver)(ReadDone { offset_bytes, data }) {
+            Ok(()) => {
+                report.bytes_read += u64::from(len_bytes);
+                if let Some(progress) = job.progress {
+                    progress.fetch_add(u64::from(len_bytes), std::sync::atomic::Ordering::Relaxed);
+                }
+                true
+            }
+            Err(err) => {
+                job.fail(err.context(format!(
+                    "delivering {len_bytes} bytes read at byte offset {offset_bytes} of {}",
+                    job.device.display()
+                )));
+                false
+            }
+        }
+    }
+
+    /// The rare path: `read` failed with a range error. Re-reads the rest of
+    /// its chunk synchronously on this thread (`pread` into the same slot,
+    /// split as `salvage.rs` explains), delivers every run of blocks that
+    /// read and reports every run that did not, then frees the slot. The
+    /// ring's other reads stay in flight meanwhile and are reaped after.
+    fn salvage_chunk(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        slot_index: usize,
+        read: ReadInFlight,
+        salvage: &Salvage<'_>,
+    ) {
+        let chunk = read.chunk;
+        let from_bytes = read.done_bytes;
+        let rest_offset_bytes = chunk.offset_bytes + u64::from(from_bytes);
+        let rest_len_bytes = chunk.len_bytes - from_bytes;
+        let plan = SalvagePlan {
+            block_bytes: job.geometry.block_bytes,
+            retries: salvage.retries,
+        };
+        let fd = self.fd;
+        let outcome = {
+            // SAFETY: the failed read's completion is reaped, so the slot is
+            // the worker's; [from_bytes, len_bytes) lies inside it; nothing
+            // else refers to the slot until it is freed below.
+            let rest = unsafe {
+                std::slice::from_raw_parts_mut(
+                    self.slot_ptrs[slot_index].add(from_bytes as usize),
+                    rest_len_bytes as usize,
                 )
             };
-            let delivered = (job.deliver)(ReadDone {
-                offset_bytes: chunk.offset_bytes,
-                data,
+            salvage::salvage(
+                plan,
+                rest_offset_bytes,
+                rest,
+                &mut |offset_bytes, buf| pread(fd, buf, offset_bytes),
+                &|| {
+                    job.poll_stop();
+                    job.is_halted()
+                },
+            )
+        };
+        let salvaged = match outcome {
+            Ok(salvaged) => salvaged,
+            Err(SalvageStop::Halted) => {
+                self.free(slot_index);
+                return;
+            }
+            Err(SalvageStop::Fatal {
+                offset_bytes,
+                len_bytes,
+                errno,
+            }) => {
+                job.fail(anyhow::Error::new(ReadError {
+                    device: job.device.to_path_buf(),
+                    offset_bytes,
+                    len_bytes: len_bytes as u32,
+                    retry_count: 0,
+                    source: io::Error::from_raw_os_error(errno),
+                }));
+                self.free(slot_index);
+                return;
+            }
+            Err(SalvageStop::EndOfDevice {
+                offset_bytes,
+                len_bytes,
+            }) => {
+                job.fail(anyhow::anyhow!(
+                    "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
+                     device (planned for a device of {} bytes; did it shrink?)",
+                    job.device.display(),
+                    job.geometry.device_bytes
+                ));
+                self.free(slot_index);
+                return;
+            }
+        };
+        self.record_latency(&read);
+        report.chunks_salvaged += 1;
+        report.salvage_reads += salvaged.reads;
+        report.retry_reads += salvaged.retry_reads;
+        let chunk_end_bytes = chunk.offset_bytes + u64::from(chunk.len_bytes);
+        let mut at_bytes = chunk.offset_bytes;
+        for bad in &salvaged.bad {
+            if at_bytes < bad.offset_bytes {
+                let len = (bad.offset_bytes - at_bytes) as u32;
+                self.deliver(job, report, slot_index, chunk, at_bytes, len);
+            }
+            if job.is_halted() {
+                break;
+            }
+            let len_bytes = bad.end_bytes - bad.offset_bytes;
+            let reported = (salvage.report)(Unreadable {
+                offset_bytes: bad.offset_bytes,
+                len_bytes,
+                errno: bad.errno,
             });
-            match delivered {
+            match reported {
                 Ok(()) => {
-                    report.bytes_read += u64::from(chunk.len_bytes);
-                    report.reads += 1;
+                    report.bytes_unreadable += len_bytes;
                     if let Some(progress) = job.progress {
-                        progress.fetch_add(
-                            u64::from(chunk.len_bytes),
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
+                        progress.fetch_add(len_bytes, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                Err(err) => job.fail(err.context(format!(
-                    "delivering {} bytes read at byte offset {} of {}",
-                    chunk.len_bytes,
-                    chunk.offset_bytes,
-                    job.device.display()
-                ))),
+                Err(err) => job.fail(err),
             }
+            at_bytes = bad.end_bytes;
+        }
+        if at_bytes < chunk_end_bytes {
+            let len = (chunk_end_bytes - at_bytes) as u32;
+            self.deliver(job, report, slot_index, chunk, at_bytes, len);
+        }
+        if !job.is_halted() {
+            report.reads += 1;
         }
         self.free(slot_index);
     }
@@ -546,6 +707,21 @@ impl WorkerRing {
     }
 }
 
+/// One `pread(2)` on the device: bytes read, or the errno. The rare
+/// salvage path only; the main path reads through the ring.
+fn pread(fd: RawFd, buf: &mut [u8], offset_bytes: u64) -> salvage::ReadResult {
+    let offset = libc::off_t::try_from(offset_bytes).expect("device offsets fit off_t");
+    // SAFETY: buf is valid for buf.len() bytes of writes for the call.
+    let rc = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset) };
+    if rc < 0 {
+        Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(rc as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +779,7 @@ mod tests {
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
             pacer: None,
+            salvage: None,
         };
         let report = ring.run(&job);
         assert!(job.first_error.lock().unwrap().is_none());

@@ -10,13 +10,18 @@
 //!    submitted before tracing started is then complete, so the main pass
 //!    reads its data (see "Why no write can be missed").
 //! 3. Main pass: the [`Engine`] reads the whole device; each completed read
-//!    becomes one self-addressed `S:` section, in completion order.
+//!    becomes one self-addressed `S:` section, in completion order. A range
+//!    the device cannot read (after `--read-retries`) is split off and
+//!    recorded (`bad.rs`); the main pass and every round go on.
 //! 4. Catch-up rounds: take-and-clear the dirty set, read it, emit it, until
 //!    a round finds nothing new with no write in flight (converged), or the
 //!    round limit is reached (unconverged: a `STATE:` record, exit 3).
-//! 5. The END trailer, only for a run that can vouch for what it captured.
+//! 5. One `B:` record per range whose last read failed (more than
+//!    `--max-bad-bytes` ends the run instead), then the END trailer, only
+//!    for a run that can vouch for what it captured.
 //!    Lost events, a signal, or an error end the stream without one.
 
+mod bad;
 mod pending;
 mod rounds;
 
@@ -25,9 +30,11 @@ pub use pending::{COMPLETION_WAIT_MAX, COMPLETION_WAIT_NONE_SEEN, Completions};
 use crate::adaptive::{self, Controller, LatencyProbe};
 use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
-use crate::engine::{Engine, EngineConfig, EngineSettings, ReadDone, ReadStats};
+use crate::engine::{
+    Engine, EngineConfig, EngineSettings, ReadDone, ReadStats, Salvage, Unreadable,
+};
 use crate::format::{
-    Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
+    self, Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
 use crate::freeze::{self, Frozen, Mount};
 use crate::output::{self, ImageOut};
@@ -36,6 +43,7 @@ use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, bail};
+use bad::BadMap;
 use hdrhistogram::Histogram;
 use pending::PendingWrites;
 use rounds::{Ending, Look, RoundRead, Rounds, RoundsConfig, World};
@@ -48,6 +56,25 @@ use std::time::{Duration, Instant};
 
 /// Catch-up rounds at most before the run ends unconverged (`--max-rounds`).
 pub const ROUNDS_MAX_DEFAULT: u32 = 32;
+
+/// Re-reads of a block that failed (`--read-retries`): a sector a drive
+/// could not read at once sometimes reads on the next try; more tries
+/// mostly add seconds per bad block on a dying disk (GNU ddrescue makes
+/// none by default and leaves more to later passes).
+pub const READ_RETRIES_DEFAULT: u32 = 2;
+
+/// Unreadable bytes at most before the run ends without a trailer
+/// (`--max-bad-bytes`). A live, mounted device is mostly readable: a
+/// failing disk shows kilobytes to megabytes of bad sectors, and 1 GiB
+/// leaves room for far more. A device that fails everywhere (a dead disk
+/// answering EIO, a pulled cable) is stopped after 1 GiB of failing reads
+/// instead of grinding through terabytes of them, and the bound keeps the
+/// list of bad ranges small (at most 262144 at 4 KiB blocks).
+pub const MAX_BAD_BYTES_DEFAULT: u64 = 1 << 30;
+
+/// Unreadable ranges listed in the summary and `--stats-json`, and logged
+/// as found; the rest are counted.
+pub const UNREADABLE_RANGES_LISTED: usize = 16;
 
 /// Dirty-map granularity: a 4 KiB page, the unit every Linux filesystem and
 /// the page cache write in, so a block is almost never shared by two
@@ -161,6 +188,11 @@ pub struct ImageOptions {
     /// ([`DirtyMap::with_memory_limit`]): the catch-up re-reads more, never
     /// less, than was written.
     pub dirty_map_memory_max: Option<u64>,
+    /// Re-reads of each block that fails with a range error (`--read-retries`).
+    pub read_retries: u32,
+    /// End the run, without a trailer, once more than this many bytes are
+    /// unreadable (`--max-bad-bytes`).
+    pub max_bad_bytes: u64,
 }
 
 impl ImageOptions {
@@ -183,6 +215,8 @@ impl ImageOptions {
             freeze_memory_max: FREEZE_MEMORY_DEFAULT_BYTES,
             adaptive: false,
             dirty_map_memory_max: None,
+            read_retries: READ_RETRIES_DEFAULT,
+            max_bad_bytes: MAX_BAD_BYTES_DEFAULT,
         }
     }
 }
@@ -257,6 +291,79 @@ impl std::fmt::Display for EventsLost {
 
 impl std::error::Error for EventsLost {}
 
+/// More of the device could not be read than `--max-bad-bytes` allows (or
+/// than the run can track): the image was ended without a trailer.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} could not be read in {} (more than {} in {range_count} ranges, the first at byte offset {first_offset_bytes}){}, so the image was ended without its END trailer. The device may be failing: to keep what reads, image it again with a larger --max-bad-bytes (and --read-retries 0 to spend less time on each bad block), or rescue it with GNU ddrescue first",
+    device.display(),
+    Bytes(*bad_bytes),
+    Bytes(*max_bad_bytes),
+    if *ranges_full { format!("; the run tracks at most {} separate ranges", bad::RANGES_MAX) } else { String::new() }
+)]
+pub struct TooManyUnreadable {
+    pub device: PathBuf,
+    pub bad_bytes: u64,
+    pub max_bad_bytes: u64,
+    pub range_count: usize,
+    pub first_offset_bytes: u64,
+    pub ranges_full: bool,
+}
+
+/// Ranges the device could not read, in `--stats-json` and the summary.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UnreadableStats {
+    /// Maximal ranges, each a `B:` record in the image.
+    pub range_count: u64,
+    pub bytes: u64,
+    /// The first [`UNREADABLE_RANGES_LISTED`] ranges, by offset.
+    pub ranges: Vec<ByteRange>,
+    /// `--read-retries` and `--max-bad-bytes`.
+    pub read_retries: u32,
+    pub max_bad_bytes: u64,
+    /// Chunks whose read failed and were re-read in pieces and blocks, the
+    /// reads that took, and of them the retries of a failing block.
+    pub chunks_salvaged: u64,
+    pub salvage_reads: u64,
+    pub retry_reads: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ByteRange {
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+impl std::fmt::Display for UnreadableStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} unreadable range{}, {} ({} bytes): ",
+            self.range_count,
+            if self.range_count == 1 { "" } else { "s" },
+            Bytes(self.bytes),
+            self.bytes
+        )?;
+        for (index, range) in self.ranges.iter().enumerate() {
+            let sep = if index == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}bytes {}..{}",
+                range.offset_bytes,
+                range.offset_bytes + range.len_bytes
+            )?;
+        }
+        if self.range_count > self.ranges.len() as u64 {
+            write!(
+                f,
+                ", ... ({} more)",
+                self.range_count - self.ranges.len() as u64
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// What one run did, for `--stats-json` and the summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunStats {
@@ -295,6 +402,8 @@ pub struct RunStats {
     pub freeze_ended_early: Option<String>,
     /// `--adaptive`: the lowest and highest read rate it set (bytes/s).
     pub adaptive_rate_range: Option<(u64, u64)>,
+    /// What the device could not read (each range a `B:` record).
+    pub unreadable: UnreadableStats,
     pub seconds: f64,
 }
 
@@ -510,6 +619,10 @@ pub fn run(options: &ImageOptions) -> anyhow::Result<Outcome> {
         freeze_seconds: Mutex::new(None),
         probe: Mutex::new(LatencyProbe::default()),
         rates: Mutex::new((u64::MAX, 0)),
+        bad: Mutex::new(BadMap::default()),
+        bad_nonempty: AtomicBool::new(false),
+        bad_logged: AtomicU64::new(0),
+        salvage_counts: Mutex::new([0; 3]),
     };
     let result = run.image();
     let writer = lock(&run.writer).take();
@@ -640,6 +753,14 @@ struct Run<'a> {
     probe: Mutex<LatencyProbe>,
     /// `--adaptive`: the lowest and highest rate set.
     rates: Mutex<(u64, u64)>,
+    /// What the last read of each block could not read (`bad.rs`).
+    bad: Mutex<BadMap>,
+    /// `bad` is not empty: only then does a delivery take its lock.
+    bad_nonempty: AtomicBool,
+    /// Unreadable ranges logged as found (at most UNREADABLE_RANGES_LISTED).
+    bad_logged: AtomicU64,
+    /// Salvage: chunks salvaged, reads, retry reads, over every pass.
+    salvage_counts: Mutex<[u64; 3]>,
 }
 
 /// The freeze of one run: taken once, thawed once.
@@ -717,17 +838,22 @@ impl Run<'_> {
             done.store(true, Ordering::SeqCst);
         }
         eprintln!(
-            "Main pass done: {} in {:.1}s ({}) -- {} dirty sectors",
+            "Main pass done: {} in {:.1}s ({}) -- {} dirty sectors{}",
             Bytes(main.bytes_read),
             main.elapsed.as_secs_f64(),
             Rate(main.bytes_read as f64 / main.elapsed.as_secs_f64().max(1e-9)),
-            self.dirty_sectors()
+            self.dirty_sectors(),
+            match main.bytes_unreadable {
+                0 => String::new(),
+                bytes => format!(", {} unreadable", Bytes(bytes)),
+            }
         );
 
         let mut rounds = Vec::new();
         let mut catch_up_latency = Histogram::<u64>::new(3).expect("histogram");
         let mut catch_up = PassStats::default();
         let (verdict, changed_bytes) = self.catch_up(&mut rounds, &mut catch_up_latency)?;
+        let unreadable = self.write_bad_ranges()?;
         for round in &rounds {
             catch_up.bytes += round.bytes_read;
             catch_up.seconds += round.seconds;
@@ -779,9 +905,100 @@ impl Run<'_> {
             freeze_seconds: *lock(&self.freeze_seconds),
             freeze_ended_early: lock(&self.freeze).ended_early.clone(),
             adaptive_rate_range: self.options.adaptive.then(|| *lock(&self.rates)),
+            unreadable,
             seconds: self.started.elapsed().as_secs_f64(),
         };
         Ok((verdict, stats))
+    }
+
+    /// After the last read: one `B:` record per range whose last read
+    /// failed, after every section, so that a restore's zeros there win over
+    /// an older section of the same bytes (`bad.rs`).
+    fn write_bad_ranges(&self) -> anyhow::Result<UnreadableStats> {
+        let bad = lock(&self.bad);
+        let mut guard = lock(&self.writer);
+        for range in bad.ranges() {
+            assert!(
+                range.start.is_multiple_of(SECTOR_BYTES)
+                    && range.end.is_multiple_of(SECTOR_BYTES)
+                    && range.end <= self.device.size_bytes,
+                "bad range {range:?} is whole blocks on the device"
+            );
+            let Some(writer) = guard.as_mut() else {
+                bail!("the image output failed earlier");
+            };
+            let written = writer.write_bad(format::Extent {
+                sector: range.start / SECTOR_BYTES,
+                len_bytes: range.end - range.start,
+            });
+            if written.is_err() {
+                *guard = None;
+            }
+            written.context("cannot write the image")?;
+        }
+        let [chunks_salvaged, salvage_reads, retry_reads] = *lock(&self.salvage_counts);
+        Ok(UnreadableStats {
+            range_count: bad.len() as u64,
+            bytes: bad.bytes(),
+            ranges: bad
+                .ranges()
+                .iter()
+                .take(UNREADABLE_RANGES_LISTED)
+                .map(|r| ByteRange {
+                    offset_bytes: r.start,
+                    len_bytes: r.end - r.start,
+                })
+                .collect(),
+            read_retries: self.options.read_retries,
+            max_bad_bytes: self.options.max_bad_bytes,
+            chunks_salvaged,
+            salvage_reads,
+            retry_reads,
+        })
+    }
+
+    /// A read found `unreadable` (after its retries): record it, log the
+    /// first few, and fail once more is bad than `--max-bad-bytes` allows.
+    fn report_unreadable(&self, unreadable: Unreadable) -> anyhow::Result<()> {
+        let range = unreadable.offset_bytes..unreadable.offset_bytes + unreadable.len_bytes;
+        let mut bad = lock(&self.bad);
+        let fits = bad.insert(range.clone());
+        self.bad_nonempty.store(!bad.is_empty(), Ordering::Relaxed);
+        if !fits || bad.bytes() > self.options.max_bad_bytes {
+            return Err(TooManyUnreadable {
+                device: self.device.path.clone(),
+                bad_bytes: bad.bytes() + if fits { 0 } else { unreadable.len_bytes },
+                max_bad_bytes: self.options.max_bad_bytes,
+                range_count: bad.len(),
+                first_offset_bytes: bad.ranges().first().map_or(range.start, |r| r.start),
+                ranges_full: !fits,
+            }
+            .into());
+        }
+        drop(bad);
+        let logged = self.bad_logged.fetch_add(1, Ordering::Relaxed);
+        if logged < UNREADABLE_RANGES_LISTED as u64 {
+            eprintln!(
+                "Unreadable: bytes {}..{} of {} ({} bytes): {} after {} retr{} of each block; recorded as a bad range{}",
+                range.start,
+                range.end,
+                self.device.path.display(),
+                unreadable.len_bytes,
+                io::Error::from_raw_os_error(unreadable.errno),
+                self.options.read_retries,
+                if self.options.read_retries == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                if logged + 1 == UNREADABLE_RANGES_LISTED as u64 {
+                    " (further ones are counted in the summary)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
     }
 
     /// The catch-up rounds ([`rounds`]); returns the verdict and, when
@@ -892,13 +1109,46 @@ impl Run<'_> {
                 // written to it, by this read or one completing later.
                 *guard = None;
             }
-            written.context("cannot write the image")
+            drop(guard);
+            written.context("cannot write the image")?;
+            if self.bad_nonempty.load(Ordering::Relaxed) {
+                // Read now: its data section overrides an earlier failure.
+                let end_bytes = done.offset_bytes + done.data.len() as u64;
+                let mut bad = lock(&self.bad);
+                if !bad.remove(done.offset_bytes..end_bytes) {
+                    return Err(TooManyUnreadable {
+                        device: self.device.path.clone(),
+                        bad_bytes: bad.bytes(),
+                        max_bad_bytes: self.options.max_bad_bytes,
+                        range_count: bad.len(),
+                        first_offset_bytes: bad.ranges().first().map_or(0, |r| r.start),
+                        ranges_full: true,
+                    }
+                    .into());
+                }
+                self.bad_nonempty.store(!bad.is_empty(), Ordering::Relaxed);
+            }
+            Ok(())
         };
-        match self
-            .engine
-            .read_extents(extents, &deliver, progress, &self.stop)
-        {
-            Ok(stats) => Ok(stats),
+        let report = |unreadable: Unreadable| self.report_unreadable(unreadable);
+        let salvage = Salvage {
+            retries: self.options.read_retries,
+            report: &report,
+        };
+        match self.engine.read_extents_salvaging(
+            extents,
+            &deliver,
+            Some(&salvage),
+            progress,
+            &self.stop,
+        ) {
+            Ok(stats) => {
+                let mut counts = lock(&self.salvage_counts);
+                counts[0] += stats.chunks_salvaged;
+                counts[1] += stats.salvage_reads;
+                counts[2] += stats.retry_reads;
+                Ok(stats)
+            }
             Err(error) => {
                 // A stop has a cause; report the cause, not the stop.
                 signals::check()?;
@@ -1496,6 +1746,12 @@ pub fn print_summary(outcome: &Outcome) {
                 ),
                 None => String::new(),
             }
+        );
+    }
+    if stats.unreadable.range_count > 0 {
+        eprintln!(
+            "Summary: {} (B: records; restored as zeros); {} chunks re-read block by block, {} retries",
+            stats.unreadable, stats.unreadable.chunks_salvaged, stats.unreadable.retry_reads
         );
     }
     eprintln!(

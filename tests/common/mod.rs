@@ -152,7 +152,7 @@ pub struct LoopDevice {
 
 /// Held while `losetup -f` picks a free device and attaches it, so that
 /// tests in other processes do not race for the same one.
-fn losetup_lock() -> fs::File {
+pub(crate) fn losetup_lock() -> fs::File {
     use std::os::fd::AsRawFd;
     let lock = fs::File::create(std::env::temp_dir().join("hot-clone-tests-losetup.lock")).unwrap();
     // SAFETY: flock on an fd we own.
