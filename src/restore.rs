@@ -9,6 +9,7 @@ use crate::format::{
 use crate::signals;
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -104,30 +105,16 @@ pub struct Summary {
 
 impl Summary {
     /// Why the image, intact as it is, is not a complete capture.
-    pub fn incomplete_reasons(&self) -> Vec<String> {
+    pub fn incomplete_reasons(&self) -> Vec<Warning> {
         let mut reasons = Vec::new();
         if let Some(RunState::Unconverged { changed_bytes }) = self.state {
-            reasons.push(format!(
-                "the imaging run stopped before writes quiesced: {} ({changed_bytes} bytes) changed during its last round and may be older than the source",
-                Bytes(changed_bytes)
-            ));
+            reasons.push(Warning::Unconverged { changed_bytes });
         }
         if self.bad_range_count > 0 {
-            let listed: Vec<String> = self
-                .bad_ranges
-                .iter()
-                .map(|e| format!("sector {} +{} bytes", e.sector, e.len_bytes))
-                .collect();
-            reasons.push(format!(
-                "{} range(s) could not be read from the source and hold zeros: {}{}",
-                self.bad_range_count,
-                listed.join(", "),
-                if self.bad_range_count > listed.len() as u64 {
-                    ", ..."
-                } else {
-                    ""
-                }
-            ));
+            reasons.push(Warning::BadRanges {
+                count: self.bad_range_count,
+                listed: self.bad_ranges.clone(),
+            });
         }
         reasons
     }
@@ -182,12 +169,84 @@ impl Summary {
     }
 }
 
+/// Something about a finished restore or verify that the operator must
+/// know before trusting the result. Any warning makes the exit status 3
+/// (`Exit::Incomplete`): the work was done, but not to the "complete and
+/// trustworthy" standard that status 0 promises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// The image's `STATE:unconverged` record: writes had not quiesced.
+    Unconverged { changed_bytes: u64 },
+    /// `B:` records: ranges the source could not read (restored as zeros).
+    BadRanges {
+        count: u64,
+        /// The first [`BAD_RANGES_LISTED_MAX`] of them.
+        listed: Vec<Extent>,
+    },
+    /// Restored with `--allow-legacy`: no END trailer, so a cut-short image
+    /// cannot be told from a whole one.
+    Legacy,
+    /// The image's `lbs=` differs from the target device's logical block size.
+    LogicalBlockMismatch {
+        target: String,
+        image_bytes: u64,
+        target_bytes: u64,
+    },
+    /// BLKRRPART failed after a whole-disk restore (other than EINVAL, which
+    /// devices without partition support return).
+    PartitionRereadFailed { target: String, error: String },
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::Unconverged { changed_bytes } => write!(
+                f,
+                "the imaging run stopped before writes quiesced: {} ({changed_bytes} bytes) changed during its last round and may be older than the source",
+                Bytes(*changed_bytes)
+            ),
+            Warning::BadRanges { count, listed } => {
+                let shown: Vec<String> = listed
+                    .iter()
+                    .map(|e| format!("sector {} +{} bytes", e.sector, e.len_bytes))
+                    .collect();
+                write!(
+                    f,
+                    "{count} range(s) could not be read from the source and hold zeros: {}{}",
+                    shown.join(", "),
+                    if *count > shown.len() as u64 {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                )
+            }
+            Warning::Legacy => write!(
+                f,
+                "the image has no END trailer (--allow-legacy): every section it holds was restored, but whether sections are missing from its end cannot be checked"
+            ),
+            Warning::LogicalBlockMismatch {
+                target,
+                image_bytes,
+                target_bytes,
+            } => write!(
+                f,
+                "the image was taken from a device with {image_bytes}-byte logical blocks, {target} has {target_bytes}-byte blocks: the bytes are restored exactly, but a partition table counts in logical blocks, so one written for {image_bytes}-byte sectors is misplaced on this device (its partitions and GPT header are looked for at other offsets), and filesystems made for {image_bytes}-byte sectors may not mount"
+            ),
+            Warning::PartitionRereadFailed { target, error } => write!(
+                f,
+                "the image was restored, but the kernel could not re-read the partition table of {target} ({error}): its partition devices may show the old layout until it is re-read (blockdev --rereadpt {target}, or a reboot)"
+            ),
+        }
+    }
+}
+
 /// The outcome of a command that read a whole image.
 #[derive(Debug)]
 pub struct Outcome {
     pub summary: Summary,
     /// Empty when the result is complete.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 /// Reads the whole image, checks it, writes nothing.
@@ -220,10 +279,16 @@ pub fn reassemble(
     } else {
         reassemble_to_file(source, output, options)?
     };
-    Ok(Outcome {
-        warnings: summary.incomplete_reasons(),
-        summary,
-    })
+    let mut warnings = summary.incomplete_reasons();
+    if summary.trailer.is_none() {
+        // Only reached with --allow-legacy: both targets refuse otherwise.
+        assert!(
+            options.allow_legacy,
+            "a legacy image restored without --allow-legacy"
+        );
+        warnings.push(Warning::Legacy);
+    }
+    Ok(Outcome { warnings, summary })
 }
 
 fn legacy_refusal(source: &ImageSource) -> anyhow::Error {

@@ -124,7 +124,13 @@ fn legacy_images_need_allow_legacy() {
         "--allow-legacy",
     ]);
     let result = run(cmd, Some(&image));
-    assert!(result.status.success(), "{}", stderr(&result));
+    // Restored, but not vouched for: status 3 and a warning, never 0.
+    assert_eq!(result.status.code(), Some(3), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("WARNING: the image has no END trailer (--allow-legacy)"),
+        "{}",
+        stderr(&result)
+    );
     assert_eq!(fs::read(&out).unwrap(), expected);
 
     // verify cannot vouch for a legacy image.
