@@ -124,8 +124,8 @@ impl Summary {
         let mut out = String::new();
         let meta = &self.banner.meta;
         out.push_str(&format!("format revision: {}\n", self.banner.revision));
-        if let Some(source) = &meta.source {
-            out.push_str(&format!("source: {}\n", source.display()));
+        if let Some(source) = meta.source_printable() {
+            out.push_str(&format!("source: {source}\n"));
         }
         if let Some(bytes) = meta.device_bytes {
             out.push_str(&format!("device size: {bytes} bytes ({})\n", Bytes(bytes)));
@@ -133,7 +133,7 @@ impl Summary {
         if let Some(bytes) = meta.logical_block_bytes {
             out.push_str(&format!("logical block size: {bytes} bytes\n"));
         }
-        if let Some(tool) = &meta.tool {
+        if let Some(tool) = meta.tool_printable() {
             out.push_str(&format!("written by: {tool}\n"));
         }
         out.push_str(&format!("sections: {}\n", self.sections));
@@ -469,12 +469,12 @@ fn read_image(
                     Record::Zero(extent) => {
                         sink.admit(extent)?;
                         sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.zero_bytes += extent.len_bytes;
+                        summary.zero_bytes = summary.zero_bytes.saturating_add(extent.len_bytes);
                     }
                     Record::Bad(extent) => {
                         sink.admit(extent)?;
                         sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.bad_range_count += 1;
+                        summary.bad_range_count = summary.bad_range_count.saturating_add(1);
                         if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
                             summary.bad_ranges.push(extent);
                         }
@@ -499,8 +499,8 @@ fn read_image(
             }
             Step::SectionDone(extent) => {
                 sink.section_done(extent);
-                summary.sections += 1;
-                summary.data_bytes += extent.len_bytes;
+                summary.sections = summary.sections.saturating_add(1);
+                summary.data_bytes = summary.data_bytes.saturating_add(extent.len_bytes);
             }
             Step::Finished { image_bytes } => {
                 summary.image_bytes = image_bytes;
@@ -760,7 +760,7 @@ impl Sink for DeviceSink {
                     self.name
                 )
             })?;
-        self.bytes_written += data.len() as u64;
+        self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
         Ok(())
     }
 
@@ -775,14 +775,14 @@ impl Sink for DeviceSink {
             self.file
                 .write_all_at(&self.zeros[..n], at)
                 .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
-            self.bytes_written += n as u64;
+            self.bytes_written = self.bytes_written.saturating_add(n as u64);
             done += n as u64;
         }
         Ok(())
     }
 
     fn section_done(&mut self, extent: Extent) {
-        self.sections_done += 1;
+        self.sections_done = self.sections_done.saturating_add(1);
         self.last_section_end_bytes = extent.end_bytes().expect("checked");
     }
 }
