@@ -419,44 +419,76 @@ enum Step {
     },
 }
 
-/// Reads every record of the image and hands its content to `sink`.
-///
-/// Two threads: one parses the image and checks its CRC, the calling one
-/// writes, so that reading and writing overlap (the machine has two cores
-/// and a restore is a copy). Buffers go round a fixed pool.
+/// Reads every record of the image at `source` and hands its content to
+/// `sink`, with a progress line on stderr.
 fn read_image(
     source: &ImageSource,
     sink: &mut dyn Sink,
     verb: &'static str,
 ) -> anyhow::Result<Summary> {
     let (input, total_bytes) = source.open()?;
-    let mut reader = ImageReader::new(input).map_err(|e| at_image(source, e))?;
+    let mut progress = Progress::new(verb, total_bytes);
+    let summary = read_stream_with(input, &source.name(), sink, CHUNK_BYTES, &mut progress)?;
+    progress.done(summary.image_bytes);
+    Ok(summary)
+}
+
+/// Reads every record of the image `input` (named `name` in errors) and
+/// hands its content to `sink`, section data in chunks of at most
+/// `chunk_bytes`. The path `reassemble` and `verify` take, without the
+/// progress line; public so that tests and fuzz targets can drive it from
+/// memory into a sink of their own.
+pub fn read_stream(
+    input: Box<dyn BufRead + Send>,
+    name: &str,
+    sink: &mut dyn Sink,
+    chunk_bytes: usize,
+) -> anyhow::Result<Summary> {
+    read_stream_with(input, name, sink, chunk_bytes, &mut Progress::silent())
+}
+
+/// Two threads: one parses the image and checks its CRC, the calling one
+/// writes, so that reading and writing overlap (the machine has two cores
+/// and a restore is a copy). Buffers go round a fixed pool, allocated here
+/// and sized by `chunk_bytes`, never by the image.
+fn read_stream_with(
+    input: Box<dyn BufRead + Send>,
+    name: &str,
+    sink: &mut dyn Sink,
+    chunk_bytes: usize,
+    progress: &mut Progress,
+) -> anyhow::Result<Summary> {
+    assert!(
+        (1..=CHUNK_BYTES).contains(&chunk_bytes),
+        "chunk of {chunk_bytes} bytes"
+    );
+    let mut reader = ImageReader::new(input).map_err(|e| at_image(name, e))?;
     let mut summary = Summary {
         banner: reader.banner().clone(),
         extent_bytes: reader.banner().meta.device_bytes.unwrap_or(0),
         ..Summary::default()
     };
+    sink.begin(&summary.banner)?;
     let (step_tx, step_rx) = sync_channel::<anyhow::Result<Step>>(PIPELINE_BUFFERS + 2);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
     for _ in 0..PIPELINE_BUFFERS {
         free_tx
-            .send(vec![0u8; CHUNK_BYTES])
+            .send(vec![0u8; chunk_bytes])
             .expect("room for the pool");
     }
-    let name = source.clone();
+    let parser_name = name.to_string();
     // On an error on this side the channels close and the parser stops at
     // its next send or receive; it is not joined (it may be blocked reading
     // stdin), and the process exits soon after.
     let parser = thread::Builder::new()
         .name("image-parser".into())
         .spawn(move || {
-            if let Err(e) = parse_steps(&mut reader, &step_tx, &free_rx, &name) {
+            if let Err(e) = parse_steps(&mut reader, &step_tx, &free_rx, &parser_name) {
                 let _ = step_tx.send(Err(e));
             }
         })
         .context("cannot start the image parsing thread")?;
 
-    let mut progress = Progress::new(verb, total_bytes);
     loop {
         let step = step_rx
             .recv()
@@ -511,7 +543,6 @@ fn read_image(
     parser
         .join()
         .map_err(|_| anyhow!("the image parsing thread panicked"))?;
-    progress.done(summary.image_bytes);
     Ok(summary)
 }
 
@@ -520,7 +551,7 @@ fn parse_steps(
     reader: &mut ImageReader<Box<dyn BufRead + Send>>,
     steps: &SyncSender<anyhow::Result<Step>>,
     free: &Receiver<Vec<u8>>,
-    source: &ImageSource,
+    source: &str,
 ) -> anyhow::Result<()> {
     // A closed channel means the sink side stopped; it reports why.
     let closed = || anyhow!("the restore stopped");
@@ -565,12 +596,22 @@ fn parse_steps(
     steps.send(Ok(finished)).map_err(|_| closed())
 }
 
-fn at_image(source: &ImageSource, error: FormatError) -> anyhow::Error {
-    anyhow!(error).context(format!("bad image {}", source.name()))
+fn at_image(source: &str, error: FormatError) -> anyhow::Error {
+    anyhow!(error).context(format!("bad image {source}"))
 }
 
-/// Where restored bytes go.
-trait Sink {
+/// Where restored bytes go. Called in image order: `begin` once, then for
+/// each extent record `admit`, then its data (`write`, in order, within the
+/// extent) or its zeros (`zero`, the whole extent at once), and
+/// `section_done` after the last byte of an `S:` section. Every extent has
+/// been checked by the reader (its end fits in 64 bits and does not pass the
+/// banner's `size=`); nothing is known to be verified until the call
+/// returns Ok — the trailer comes last.
+pub trait Sink {
+    /// Refuses an image the target cannot take, before anything is written.
+    fn begin(&mut self, _banner: &Banner) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Refuses an extent the target cannot hold, before any of it is written.
     fn admit(&mut self, _extent: Extent) -> anyhow::Result<()> {
         Ok(())
@@ -581,7 +622,7 @@ trait Sink {
 }
 
 /// `verify`: everything is read and checked, nothing is written.
-struct NullSink;
+pub struct NullSink;
 
 impl Sink for NullSink {
     fn write(&mut self, _: u64, _: &[u8]) -> anyhow::Result<()> {
@@ -854,6 +895,7 @@ struct Progress {
     total_bytes: Option<u64>,
     started: Instant,
     last_shown: Instant,
+    silent: bool,
 }
 
 impl Progress {
@@ -864,18 +906,27 @@ impl Progress {
             total_bytes,
             started: now,
             last_shown: now,
+            silent: false,
+        }
+    }
+
+    /// Shows nothing (for callers of [`read_stream`]).
+    fn silent() -> Self {
+        Progress {
+            silent: true,
+            ..Progress::new("", None)
         }
     }
 
     fn tick(&mut self, image_bytes: u64) {
-        if self.last_shown.elapsed() >= PROGRESS_INTERVAL {
+        if !self.silent && self.last_shown.elapsed() >= PROGRESS_INTERVAL {
             self.last_shown = Instant::now();
             self.show(image_bytes);
         }
     }
 
     fn done(&mut self, image_bytes: u64) {
-        if self.started.elapsed() >= PROGRESS_INTERVAL {
+        if !self.silent && self.started.elapsed() >= PROGRESS_INTERVAL {
             self.show(image_bytes);
         }
     }
