@@ -274,10 +274,10 @@ pub fn reassemble(
     let target_is_device = fs::metadata(output)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    let summary = if target_is_device {
+    let (summary, device_warnings) = if target_is_device {
         reassemble_to_device(source, output, options)?
     } else {
-        reassemble_to_file(source, output, options)?
+        (reassemble_to_file(source, output, options)?, Vec::new())
     };
     let mut warnings = summary.incomplete_reasons();
     if summary.trailer.is_none() {
@@ -288,6 +288,7 @@ pub fn reassemble(
         );
         warnings.push(Warning::Legacy);
     }
+    warnings.extend(device_warnings);
     Ok(Outcome { warnings, summary })
 }
 
@@ -329,11 +330,19 @@ fn reassemble_to_file(
     Ok(summary)
 }
 
+/// Writes the image onto a block device. An image file is verified whole
+/// first; an image on stdin can only be verified as it is written, so the
+/// banner's `size=` is checked against the device before the first write,
+/// each extent as it comes, and the device's first and last MiB — where
+/// partition tables, filesystem superblocks and the GPT backup live — are
+/// held in memory and written only once the trailer verified. A stream that
+/// fails midway therefore leaves the device's ends as they were: a partial
+/// middle, never a disk that looks bootable or mountable but is half old.
 fn reassemble_to_device(
     source: &ImageSource,
     output: &Path,
     options: Options,
-) -> anyhow::Result<Summary> {
+) -> anyhow::Result<(Summary, Vec<Warning>)> {
     let name = output.display();
     let dev = DevNum::of_path(output)?.expect("checked to be a block device");
     let mut devs = vec![dev];
@@ -345,7 +354,9 @@ fn reassemble_to_device(
             uses.join("; ")
         );
     }
+    // Read as well as write: the held ranges start as the device's content.
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_EXCL)
         .open(output)
@@ -357,6 +368,8 @@ fn reassemble_to_device(
         })?;
     let device_bytes =
         blockdev::size_bytes(&file).with_context(|| format!("cannot read the size of {name}"))?;
+    let logical_block_bytes = blockdev::logical_block_bytes(&file)
+        .with_context(|| format!("cannot read the logical block size of {name}"))?;
 
     // A file image is checked whole before the device is touched; a stream
     // can only be checked as it is written.
@@ -383,9 +396,13 @@ fn reassemble_to_device(
     let mut sink = DeviceSink::new(file, device_bytes, output);
     let result = read_image(source, &mut sink, "Restored");
     let summary = result.map_err(|e| {
+        if sink.bytes_written == 0 {
+            // Held bytes are written only after the image verified.
+            return e.context(format!("nothing was written to {name}"));
+        }
         e.context(format!(
-            "restore to {name} stopped after writing {} bytes in {} complete sections (the last complete one ended at device byte {}); {name} now holds a partial image",
-            sink.bytes_written, sink.sections_done, sink.last_section_end_bytes
+            "restore to {name} stopped after {} complete sections (the last complete one ended at device byte {}), with {} bytes written to {name}; its first and last MiB (partition tables, superblocks, the GPT backup) were held back and still hold what they held before, and the bytes between hold a partial image. Restore a complete image before using {name}",
+            sink.sections_done, sink.last_section_end_bytes, sink.bytes_written
         ))
     })?;
     sink.file
@@ -393,10 +410,36 @@ fn reassemble_to_device(
         .with_context(|| format!("flushing {name}"))?;
     if summary.trailer.is_none() && !options.allow_legacy {
         return Err(legacy_refusal(source)).context(format!(
-            "{name} was written in full from the stream, but the image cannot be checked"
+            "the stream was written onto {name} except its first and last MiB, which were held back and not written"
         ));
     }
-    Ok(summary)
+    sink.write_held()?;
+    sink.file
+        .sync_all()
+        .with_context(|| format!("flushing {name}"))?;
+
+    let mut warnings = Vec::new();
+    if let Some(image_bytes) = summary.banner.meta.logical_block_bytes
+        && image_bytes != u64::from(logical_block_bytes)
+    {
+        warnings.push(Warning::LogicalBlockMismatch {
+            target: name.to_string(),
+            image_bytes,
+            target_bytes: u64::from(logical_block_bytes),
+        });
+    }
+    // A whole disk's partition devices still show the layout the kernel
+    // read before; a partition has no table of its own.
+    if !blockdev::is_partition(dev)
+        && let Err(e) = blockdev::reread_partitions(&sink.file)
+        && e.raw_os_error() != Some(libc::EINVAL)
+    {
+        warnings.push(Warning::PartitionRereadFailed {
+            target: name.to_string(),
+            error: e.to_string(),
+        });
+    }
+    Ok((summary, warnings))
 }
 
 /// Image buffers in flight between the parsing thread and the sink.
@@ -750,12 +793,112 @@ fn is_zero(bytes: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Bytes at each end of a target device held in memory until the image
+/// verified: covers the MBR and the primary GPT (sectors 0..34 with 512-byte
+/// sectors, 0..6 with 4 KiB ones), the usual 1 MiB partition alignment gap,
+/// ext4/XFS/btrfs superblocks at the start of a whole-disk filesystem, and
+/// the backup GPT and MD/ZFS labels at the end.
+const HELD_BYTES: u64 = 1 << 20;
+/// The target's first and last MiB, and the last MiB of the device the
+/// image was taken from when that was smaller (its backup GPT lands there).
+const HELD_RANGES_MAX: usize = 3;
+/// A write splits into at most one piece per held range and one before
+/// each, plus one after the last.
+const PIECES_MAX: usize = 2 * HELD_RANGES_MAX + 1;
+
+/// Where a piece of a write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Device,
+    /// Into the held range of this index.
+    Held(usize),
+}
+
+/// One held range: the bytes the device will have there once the image
+/// verified (its old content, overwritten by the image as it arrives).
+struct HeldRange {
+    start_bytes: u64,
+    data: Vec<u8>,
+}
+
+impl HeldRange {
+    fn end_bytes(&self) -> u64 {
+        self.start_bytes + self.data.len() as u64
+    }
+}
+
+/// The ranges to hold for a device of `device_bytes` and an image of a
+/// device of `image_device_bytes` (its `size=`, if any): sorted, disjoint,
+/// none empty, at most [`HELD_RANGES_MAX`].
+fn held_ranges(device_bytes: u64, image_device_bytes: Option<u64>) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::with_capacity(HELD_RANGES_MAX);
+    ranges.push((0, HELD_BYTES.min(device_bytes)));
+    ranges.push((device_bytes.saturating_sub(HELD_BYTES), device_bytes));
+    if let Some(image_bytes) = image_device_bytes.filter(|&b| b < device_bytes) {
+        ranges.push((image_bytes.saturating_sub(HELD_BYTES), image_bytes));
+    }
+    ranges.retain(|&(start, end)| start < end);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(HELD_RANGES_MAX);
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    assert!(merged.len() <= HELD_RANGES_MAX);
+    merged
+}
+
+/// Splits `len_bytes` at `offset_bytes` at the edges of `held` (sorted and
+/// disjoint) into pieces `(offset, len, place)`, in order. The caller
+/// guarantees the range fits in 64 bits (the reader checked the extent).
+fn pieces(
+    held: &[HeldRange],
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> ([(u64, u64, Place); PIECES_MAX], usize) {
+    let end_bytes = offset_bytes
+        .checked_add(len_bytes)
+        .expect("the reader checked the extent");
+    let mut out = [(0, 0, Place::Device); PIECES_MAX];
+    let mut count = 0;
+    let mut at = offset_bytes;
+    for (index, range) in held.iter().enumerate() {
+        if range.end_bytes() <= at {
+            continue;
+        }
+        if range.start_bytes >= end_bytes {
+            break;
+        }
+        if at < range.start_bytes {
+            out[count] = (at, range.start_bytes - at, Place::Device);
+            count += 1;
+            at = range.start_bytes;
+        }
+        let stop = range.end_bytes().min(end_bytes);
+        out[count] = (at, stop - at, Place::Held(index));
+        count += 1;
+        at = stop;
+    }
+    if at < end_bytes {
+        out[count] = (at, end_bytes - at, Place::Device);
+        count += 1;
+    }
+    (out, count)
+}
+
 /// A block device: every byte written, zeros included; extents past its end
-/// refused before any of their bytes is written.
+/// refused before any of their bytes is written; its ends held back until
+/// [`write_held`](Self::write_held).
 struct DeviceSink {
     file: File,
     name: String,
     device_bytes: u64,
+    /// Empty until `begin`; then sorted, disjoint, at most
+    /// [`HELD_RANGES_MAX`] of at most [`HELD_BYTES`] each.
+    held: Vec<HeldRange>,
+    /// Bytes that reached the device (held ones once written).
     bytes_written: u64,
     sections_done: u64,
     last_section_end_bytes: u64,
@@ -768,15 +911,85 @@ impl DeviceSink {
             file,
             name: path.display().to_string(),
             device_bytes,
+            held: Vec::new(),
             bytes_written: 0,
             sections_done: 0,
             last_section_end_bytes: 0,
             zeros: Vec::new(),
         }
     }
+
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.file
+            .write_all_at(data, offset_bytes)
+            .with_context(|| {
+                format!(
+                    "writing {} bytes at byte {offset_bytes} of {}",
+                    data.len(),
+                    self.name
+                )
+            })?;
+        self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
+        Ok(())
+    }
+
+    fn zero_direct(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; CHUNK_BYTES];
+        }
+        let mut done = 0;
+        while done < len_bytes {
+            let n = CHUNK_BYTES.min((len_bytes - done) as usize);
+            let at = offset_bytes + done;
+            self.file
+                .write_all_at(&self.zeros[..n], at)
+                .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
+            self.bytes_written = self.bytes_written.saturating_add(n as u64);
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes the held ranges: called once the image verified.
+    fn write_held(&mut self) -> anyhow::Result<()> {
+        let held = std::mem::take(&mut self.held);
+        for range in &held {
+            self.write_direct(range.start_bytes, &range.data)
+                .context("writing the held-back first and last MiB after the image verified")?;
+        }
+        Ok(())
+    }
 }
 
 impl Sink for DeviceSink {
+    fn begin(&mut self, banner: &Banner) -> anyhow::Result<()> {
+        if let Some(image_bytes) = banner.meta.device_bytes
+            && image_bytes > self.device_bytes
+        {
+            bail!(
+                "the image is of a device of {image_bytes} bytes ({}, the size= in its banner), {} holds only {} bytes ({}); nothing was written. Restore it onto a device at least that large",
+                Bytes(image_bytes),
+                self.name,
+                self.device_bytes,
+                Bytes(self.device_bytes)
+            );
+        }
+        for (start, end) in held_ranges(self.device_bytes, banner.meta.device_bytes) {
+            let mut data = vec![0u8; (end - start) as usize];
+            self.file.read_exact_at(&mut data, start).with_context(|| {
+                format!(
+                    "reading bytes {start}..{end} of {} to hold them until the image verified; nothing was written",
+                    self.name
+                )
+            })?;
+            self.held.push(HeldRange {
+                start_bytes: start,
+                data,
+            });
+        }
+        Ok(())
+    }
+
     fn admit(&mut self, extent: Extent) -> anyhow::Result<()> {
         let end = extent.end_bytes().expect("the reader checked the extent");
         if end > self.device_bytes {
@@ -792,32 +1005,33 @@ impl Sink for DeviceSink {
     }
 
     fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
-        self.file
-            .write_all_at(data, offset_bytes)
-            .with_context(|| {
-                format!(
-                    "writing {} bytes at byte {offset_bytes} of {}",
-                    data.len(),
-                    self.name
-                )
-            })?;
-        self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
+        let (pieces, count) = pieces(&self.held, offset_bytes, data.len() as u64);
+        for &(at, len, place) in &pieces[..count] {
+            let from = (at - offset_bytes) as usize;
+            let part = &data[from..from + len as usize];
+            match place {
+                Place::Device => self.write_direct(at, part)?,
+                Place::Held(index) => {
+                    let range = &mut self.held[index];
+                    let into = (at - range.start_bytes) as usize;
+                    range.data[into..into + part.len()].copy_from_slice(part);
+                }
+            }
+        }
         Ok(())
     }
 
     fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
-        if self.zeros.is_empty() {
-            self.zeros = vec![0u8; CHUNK_BYTES];
-        }
-        let mut done = 0;
-        while done < len_bytes {
-            let n = CHUNK_BYTES.min((len_bytes - done) as usize);
-            let at = offset_bytes + done;
-            self.file
-                .write_all_at(&self.zeros[..n], at)
-                .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
-            self.bytes_written = self.bytes_written.saturating_add(n as u64);
-            done += n as u64;
+        let (pieces, count) = pieces(&self.held, offset_bytes, len_bytes);
+        for &(at, len, place) in &pieces[..count] {
+            match place {
+                Place::Device => self.zero_direct(at, len)?,
+                Place::Held(index) => {
+                    let range = &mut self.held[index];
+                    let into = (at - range.start_bytes) as usize;
+                    range.data[into..into + len as usize].fill(0);
+                }
+            }
         }
         Ok(())
     }
@@ -956,6 +1170,124 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn held_ranges_are_the_ends_merged() {
+        assert_eq!(held_ranges(0, None), []);
+        assert_eq!(held_ranges(4096, None), [(0, 4096)]);
+        assert_eq!(held_ranges(MIB + 512, None), [(0, MIB + 512)]);
+        assert_eq!(held_ranges(2 * MIB, None), [(0, 2 * MIB)]);
+        assert_eq!(held_ranges(8 * MIB, None), [(0, MIB), (7 * MIB, 8 * MIB)]);
+        // The source device was smaller: its own last MiB is held too.
+        assert_eq!(
+            held_ranges(8 * MIB, Some(5 * MIB + 7)),
+            [(0, MIB), (4 * MIB + 7, 5 * MIB + 7), (7 * MIB, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(MIB / 2)),
+            [(0, MIB), (7 * MIB, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(7 * MIB + 1)),
+            [(0, MIB), (6 * MIB + 1, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(u64::MAX)),
+            [(0, MIB), (7 * MIB, 8 * MIB)]
+        );
+    }
+
+    /// A write or zero extent of a restore onto a device of `device_bytes`.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { offset: u64, len: u64, seed: u8 },
+        Zero { offset: u64, len: u64 },
+    }
+
+    fn ops(device_bytes: u64) -> impl Strategy<Value = Vec<Op>> {
+        // Offsets cluster round the held ranges' edges, where splitting errs.
+        let edges = [
+            0,
+            1,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            device_bytes - MIB,
+            device_bytes - 1,
+        ];
+        let offset = prop_oneof![proptest::sample::select(edges.to_vec()), 0..device_bytes,];
+        let op = (offset, 0..(MIB + MIB / 2), any::<u8>(), any::<bool>()).prop_map(
+            move |(offset, len, seed, zero)| {
+                let len = len.min(device_bytes - offset);
+                if zero {
+                    Op::Zero { offset, len }
+                } else {
+                    Op::Write { offset, len, seed }
+                }
+            },
+        );
+        proptest::collection::vec(op, 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Until write_held, the held ranges of the target are untouched
+        /// and everything else is written as it comes; after it, the target
+        /// equals the writes applied in order.
+        #[test]
+        fn device_sink_holds_the_ends_until_the_image_verified(
+            device_kib in 2048u64..4096,
+            ops in ops(4096 << 10).no_shrink(),
+        ) {
+            let device_bytes = device_kib << 10;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("device");
+            let before: Vec<u8> = (0..device_bytes).map(|i| (i % 251) as u8 | 0x80).collect();
+            fs::write(&path, &before).unwrap();
+            let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut sink = DeviceSink::new(file, device_bytes, &path);
+            sink.begin(&Banner::plain()).unwrap();
+            let held = held_ranges(device_bytes, None);
+            let mut expected = before.clone();
+            for op in &ops {
+                match *op {
+                    Op::Write { offset, len, seed } => {
+                        let (offset, len) = clamp(offset, len, device_bytes);
+                        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ 0x5a).collect();
+                        sink.write(offset, &data).unwrap();
+                        expected[offset as usize..][..len as usize].copy_from_slice(&data);
+                    }
+                    Op::Zero { offset, len } => {
+                        let (offset, len) = clamp(offset, len, device_bytes);
+                        sink.zero(offset, len).unwrap();
+                        expected[offset as usize..][..len as usize].fill(0);
+                    }
+                }
+            }
+            let midway = fs::read(&path).unwrap();
+            for (start, end) in &held {
+                let range = *start as usize..*end as usize;
+                prop_assert!(midway[range.clone()] == before[range.clone()], "held range {range:?} was written");
+            }
+            let mut at = 0u64;
+            for &(start, end) in held.iter().chain([(device_bytes, device_bytes)].iter()) {
+                let gap = at as usize..start as usize;
+                prop_assert!(midway[gap.clone()] == expected[gap.clone()], "bytes in {gap:?}, outside the held ranges, differ");
+                at = end;
+            }
+            sink.write_held().unwrap();
+            prop_assert!(fs::read(&path).unwrap() == expected);
+        }
+    }
+
+    fn clamp(offset: u64, len: u64, device_bytes: u64) -> (u64, u64) {
+        let offset = offset.min(device_bytes);
+        (offset, len.min(device_bytes - offset))
+    }
 
     #[test]
     fn is_zero_sees_every_byte() {
