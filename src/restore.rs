@@ -9,9 +9,11 @@ use crate::format::{
 use crate::signals;
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
+use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -325,7 +327,7 @@ fn reassemble_to_file(
             .context(format!("nothing was written to {}", output.display()));
     }
     sink.finish(summary.extent_bytes)
-        .with_context(|| format!("finishing {}", temp.path.display()))?;
+        .with_context(|| format!("finishing {}", temp.describe()))?;
     temp.persist(output)?;
     Ok(summary)
 }
@@ -1042,11 +1044,20 @@ impl Sink for DeviceSink {
     }
 }
 
-/// The temporary file a restore writes, removed unless it is renamed into
-/// place after the whole image verified.
+/// The file a restore writes before it is complete. Where the filesystem
+/// offers `O_TMPFILE` it is unnamed — an inode in the output's directory
+/// with no name, freed by the kernel when the process ends however it ends,
+/// so even a SIGKILL leaves no multi-GiB leftover — and gets a name only
+/// once the image verified. Elsewhere it is `.NAME.hc-partial-PID`, removed
+/// on every path this process survives.
 struct TempFile {
-    path: PathBuf,
     file: File,
+    dir: PathBuf,
+    /// The name it has on disk, if any: the named fallback from the start,
+    /// the unnamed file once linked. Removed on drop unless persisted.
+    path: Option<PathBuf>,
+    /// Where the unnamed file is linked before the rename.
+    named_path: PathBuf,
     persisted: bool,
 }
 
@@ -1062,7 +1073,41 @@ impl TempFile {
         let mut temp_name = std::ffi::OsString::from(".");
         temp_name.push(name);
         temp_name.push(format!(".hc-partial-{}", std::process::id()));
-        let path = dir.join(temp_name);
+        let named_path = dir.join(temp_name);
+        match Self::create_unnamed(&dir) {
+            Ok(file) => Ok(TempFile {
+                file,
+                dir,
+                path: None,
+                named_path,
+                persisted: false,
+            }),
+            // The filesystem (or kernel) has no O_TMPFILE.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                Self::create_named(dir, named_path)
+            }
+            Err(e) => Err(anyhow!(e).context(format!(
+                "cannot create a temporary file in {}",
+                dir.display()
+            ))),
+        }
+    }
+
+    fn create_unnamed(dir: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+    }
+
+    fn create_named(dir: PathBuf, path: PathBuf) -> anyhow::Result<TempFile> {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -1070,35 +1115,104 @@ impl TempFile {
             .open(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(TempFile {
-            path,
             file,
+            dir,
+            path: Some(path.clone()),
+            named_path: path,
             persisted: false,
         })
     }
 
-    fn persist(mut self, output: &Path) -> anyhow::Result<()> {
-        fs::rename(&self.path, output).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.path.display(),
-                output.display()
-            )
-        })?;
-        self.persisted = true;
-        if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty())
-            && let Ok(dir) = File::open(dir)
-        {
-            // Make the rename itself durable.
-            let _ = dir.sync_all();
+    fn is_unnamed(&self) -> bool {
+        self.path.is_none()
+    }
+
+    /// For messages: the name, or what the unnamed file is.
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => format!(
+                "the unnamed temporary file (O_TMPFILE) in {}",
+                self.dir.display()
+            ),
         }
+    }
+
+    /// Gives the unnamed file the name `named_path` (linkat through
+    /// /proc/self/fd, which needs no privilege; AT_EMPTY_PATH where /proc
+    /// is missing, which needs CAP_DAC_READ_SEARCH).
+    fn link(&mut self) -> anyhow::Result<()> {
+        let target = CString::new(self.named_path.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("{}: a NUL byte in the path", self.named_path.display()))?;
+        let fd = self.file.as_raw_fd();
+        let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+        // SAFETY: linkat reads two NUL-terminated strings that live across
+        // the call; the fd is ours and open.
+        let mut rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+            // SAFETY: as above; the empty path names the fd itself.
+            rc = unsafe {
+                libc::linkat(
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    target.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+        }
+        if rc != 0 {
+            return Err(anyhow!(io::Error::last_os_error()).context(format!(
+                "cannot give {} the name {}",
+                self.describe(),
+                self.named_path.display()
+            )));
+        }
+        self.path = Some(self.named_path.clone());
         Ok(())
+    }
+
+    /// Puts the finished, flushed file in place at `output` (replacing any
+    /// file there in one rename), then flushes the directory so that the
+    /// new name survives a crash.
+    fn persist(mut self, output: &Path) -> anyhow::Result<()> {
+        if self.is_unnamed() {
+            // Only now does the file get a name: a kill before this point
+            // leaves nothing; one between here and the rename leaves it
+            // under the temporary name, as the named fallback would.
+            self.link()?;
+        }
+        let path = self.path.clone().expect("named by now");
+        fs::rename(&path, output)
+            .with_context(|| format!("cannot rename {} to {}", path.display(), output.display()))?;
+        self.persisted = true;
+        let dir_error = |e: io::Error| {
+            anyhow!(e).context(format!(
+                "{} is in place, but its directory {} could not be flushed: the new name may not survive a crash (run sync, or restore again)",
+                output.display(),
+                self.dir.display()
+            ))
+        };
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(dir_error)
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.persisted {
-            let _ = fs::remove_file(&self.path);
+        if !self.persisted
+            && let Some(path) = &self.path
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -1282,6 +1396,57 @@ mod tests {
             sink.write_held().unwrap();
             prop_assert!(fs::read(&path).unwrap() == expected);
         }
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn unnamed_temporary_gets_a_name_only_when_persisted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.img");
+        // The system temp dir here is ext4, which has O_TMPFILE.
+        let temp = TempFile::create_beside(&out).unwrap();
+        assert!(temp.is_unnamed(), "{}", temp.describe());
+        temp.file.write_all_at(b"abandoned", 0).unwrap();
+        assert!(names_in(dir.path()).is_empty());
+        drop(temp);
+        assert!(names_in(dir.path()).is_empty());
+
+        let temp = TempFile::create_beside(&out).unwrap();
+        temp.file.write_all_at(b"restored", 0).unwrap();
+        temp.file.sync_all().unwrap();
+        temp.persist(&out).unwrap();
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(fs::read(&out).unwrap(), b"restored");
+        let mode = fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn named_temporary_is_removed_unless_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.img");
+        fs::write(&out, b"old").unwrap();
+        let temp_path = dir.path().join(".out.img.hc-partial-1");
+        let temp = TempFile::create_named(dir.path().into(), temp_path.clone()).unwrap();
+        assert!(!temp.is_unnamed());
+        assert_eq!(names_in(dir.path()), [".out.img.hc-partial-1", "out.img"]);
+        drop(temp);
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+
+        let temp = TempFile::create_named(dir.path().into(), temp_path).unwrap();
+        temp.file.write_all_at(b"new", 0).unwrap();
+        temp.persist(&out).unwrap();
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(fs::read(&out).unwrap(), b"new");
     }
 
     fn clamp(offset: u64, len: u64, device_bytes: u64) -> (u64, u64) {

@@ -1,13 +1,17 @@
 //! Restore hardening through the real binary, on loop devices (root): the
 //! ends of a target device are written only once the image verified, the
 //! banner's size is checked before the first write of a stream, logical
-//! block sizes are compared, a whole disk's partition table is re-read.
+//! block sizes are compared, a whole disk's partition table is re-read; and
+//! a restore to a file killed midway leaves no temporary behind.
 
 mod common;
 
 use common::*;
 use std::fs;
+use std::io::Write;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
@@ -188,4 +192,131 @@ fn whole_disk_restore_rereads_the_partition_table() {
         sys_partition.display()
     );
     assert!(disk.contents() == content);
+}
+
+/// The O_TMPFILE path: a restore killed midway leaves nothing in the
+/// output directory. Where the filesystem refuses O_TMPFILE, the named
+/// temporary is the fallback, and a SIGKILL leaves it behind (nothing can
+/// remove it); the test checks whichever the filesystem dictates.
+#[test]
+fn restore_killed_midway_leaves_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfile_works = supports_o_tmpfile(dir.path());
+    eprintln!(
+        "{}: O_TMPFILE {}",
+        dir.path().display(),
+        if tmpfile_works {
+            "supported"
+        } else {
+            "refused"
+        }
+    );
+    let out = dir.path().join("big.img");
+    let mut child = hot_clone()
+        .args(["reassemble", "-", "-o"])
+        .arg(&out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let content = patterned(8 * MIB, 25);
+    let image = raw_image(&[(0, &content)], true);
+    // Half of the image, then the pipe stays open: the restore waits.
+    stdin.write_all(&image[..4 * MIB]).unwrap();
+    stdin.flush().unwrap();
+
+    let (fd_target, fd_bytes) = wait_for_output_fd(child.id(), dir.path(), 3 * MIB as u64);
+    if tmpfile_works {
+        let target = fd_target.to_string_lossy().into_owned();
+        assert!(
+            target.ends_with(" (deleted)") && target.contains("/#"),
+            "restore writes {target}, not an unnamed O_TMPFILE ({fd_bytes} bytes)"
+        );
+        assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+    } else {
+        assert!(
+            fd_target.to_string_lossy().contains(".big.img.hc-partial-"),
+            "{}",
+            fd_target.display()
+        );
+    }
+    child.kill().unwrap(); // SIGKILL: no clean-up runs
+    child.wait().unwrap();
+    drop(stdin);
+    if tmpfile_works {
+        assert!(
+            listing(dir.path()).is_empty(),
+            "a SIGKILLed restore left {:?}",
+            listing(dir.path())
+        );
+    } else {
+        assert_eq!(
+            listing(dir.path()),
+            [format!(".big.img.hc-partial-{}", child.id())]
+        );
+    }
+}
+
+/// An output path without a directory part lands in the current directory
+/// (its temporary too, and the directory flushed is `.`).
+#[test]
+fn restores_to_a_bare_file_name_in_the_current_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = patterned(2 * MIB, 26);
+    let mut cmd = hot_clone();
+    cmd.current_dir(dir.path())
+        .args(["reassemble", "-", "-o", "bare.img"]);
+    let result = run(cmd, Some(&raw_image(&[(0, &content)], true)));
+    assert_eq!(result.status.code(), Some(0), "{}", stderr(&result));
+    assert_eq!(listing(dir.path()), ["bare.img"]);
+    assert!(fs::read(dir.path().join("bare.img")).unwrap() == content);
+}
+
+fn supports_o_tmpfile(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(_) => true,
+        Err(e) => {
+            let errno = e.raw_os_error();
+            assert!(
+                matches!(errno, Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)),
+                "probing O_TMPFILE in {}: {e}",
+                dir.display()
+            );
+            false
+        }
+    }
+}
+
+/// Waits until process `pid` has an open file in `dir` holding at least
+/// `bytes_min` bytes; returns what /proc shows for it and its size.
+fn wait_for_output_fd(pid: u32, dir: &Path, bytes_min: u64) -> (std::path::PathBuf, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) {
+            for entry in entries.flatten() {
+                let Ok(target) = fs::read_link(entry.path()) else {
+                    continue;
+                };
+                if target.starts_with(dir)
+                    && let Ok(meta) = fs::metadata(entry.path())
+                    && meta.len() >= bytes_min
+                {
+                    return (target, meta.len());
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restore did not write {bytes_min} bytes into {} within 20 s",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
