@@ -258,6 +258,14 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         let dev = self.path.to_string_lossy().into_owned();
         for number in self.partitions.drain(..) {
+            // A partition-table re-read may have removed it already.
+            let name = format!(
+                "{}p{number}",
+                self.path.file_name().unwrap().to_string_lossy()
+            );
+            if !Path::new("/sys/class/block").join(name).exists() {
+                continue;
+            }
             let _ = Command::new("delpart")
                 .args([&dev, &number.to_string()])
                 .status();
