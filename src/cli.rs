@@ -23,7 +23,10 @@ Exit status:
   2    usage error
   3    image: writes did not quiesce within --max-rounds; the image is
        complete but marked NOT converged. reassemble/verify: the image is
-       intact but records that it is not a complete capture; see the warning
+       intact but records that it is not a complete capture, or reassemble
+       restored it with a caveat (--allow-legacy, a logical block size that
+       differs from the target's, a partition table the kernel could not
+       re-read); see the warning
   4    image: the trace lost write events; the image has no END trailer
   5    image: the device does not report where its writes complete and
        --freeze was not given (or its freeze ended early); no END trailer
@@ -102,7 +105,8 @@ pub struct ReassembleArgs {
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: PathBuf,
     /// Restore an image without an END trailer (as the original hot-clone
-    /// writes them); a cut-short image cannot then be told from a whole one.
+    /// writes them); a cut-short image cannot then be told from a whole one,
+    /// so the exit status is 3, with a warning.
     #[arg(long)]
     pub allow_legacy: bool,
     /// Print a summary of the image when done.
@@ -508,7 +512,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?}: too large"))
 }
 
-fn report_warnings(warnings: &[String]) -> Exit {
+fn report_warnings(warnings: &[restore::Warning]) -> Exit {
     for warning in warnings {
         eprintln!("hot-clone: WARNING: {warning}");
     }

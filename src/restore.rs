@@ -9,9 +9,12 @@ use crate::format::{
 use crate::signals;
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
+use std::ffi::CString;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -138,39 +141,17 @@ pub struct Summary {
 
 impl Summary {
     /// Why the image, intact as it is, is not a complete capture.
-    pub fn incomplete_reasons(&self) -> Vec<String> {
+    pub fn incomplete_reasons(&self) -> Vec<Warning> {
         let mut reasons = Vec::new();
         if let Some(RunState::Unconverged { changed_bytes }) = self.state {
-            reasons.push(format!(
-                "the imaging run stopped before writes quiesced: {} ({changed_bytes} bytes) changed during its last round and may be older than the source",
-                Bytes(changed_bytes)
-            ));
+            reasons.push(Warning::Unconverged { changed_bytes });
         }
         if self.bad_range_count > 0 {
-            let listed: Vec<String> = self
-                .bad_ranges
-                .iter()
-                .take(BAD_RANGES_WARNED_MAX)
-                .map(|e| {
-                    format!(
-                        "bytes {}..{}",
-                        e.offset_bytes(),
-                        e.offset_bytes() + e.len_bytes
-                    )
-                })
-                .collect();
-            reasons.push(format!(
-                "{} range(s), {} ({} bytes), could not be read from the source; the image holds nothing for them and the restored bytes there are zeros (a hole in a file, zeros written on a device): {}{}",
-                self.bad_range_count,
-                Bytes(self.bad_bytes),
-                self.bad_bytes,
-                listed.join(", "),
-                if self.bad_range_count > listed.len() as u64 {
-                    format!(", ... ({} more)", self.bad_range_count - listed.len() as u64)
-                } else {
-                    String::new()
-                }
-            ));
+            reasons.push(Warning::BadRanges {
+                count: self.bad_range_count,
+                bytes: self.bad_bytes,
+                listed: self.bad_ranges.clone(),
+            });
         }
         reasons
     }
@@ -180,8 +161,8 @@ impl Summary {
         let mut out = String::new();
         let meta = &self.banner.meta;
         out.push_str(&format!("format revision: {}\n", self.banner.revision));
-        if let Some(source) = &meta.source {
-            out.push_str(&format!("source: {}\n", source.display()));
+        if let Some(source) = meta.source_printable() {
+            out.push_str(&format!("source: {source}\n"));
         }
         if let Some(bytes) = meta.device_bytes {
             out.push_str(&format!("device size: {bytes} bytes ({})\n", Bytes(bytes)));
@@ -189,7 +170,7 @@ impl Summary {
         if let Some(bytes) = meta.logical_block_bytes {
             out.push_str(&format!("logical block size: {bytes} bytes\n"));
         }
-        if let Some(tool) = &meta.tool {
+        if let Some(tool) = meta.tool_printable() {
             out.push_str(&format!("written by: {tool}\n"));
         }
         out.push_str(&format!("sections: {}\n", self.sections));
@@ -231,12 +212,97 @@ impl Summary {
     }
 }
 
+/// Something about a finished restore or verify that the operator must
+/// know before trusting the result. Any warning makes the exit status 3
+/// (`Exit::Incomplete`): the work was done, but not to the "complete and
+/// trustworthy" standard that status 0 promises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// The image's `STATE:unconverged` record: writes had not quiesced.
+    Unconverged { changed_bytes: u64 },
+    /// `B:` records: ranges the source could not read (restored as zeros).
+    BadRanges {
+        count: u64,
+        bytes: u64,
+        /// The first [`BAD_RANGES_LISTED_MAX`] of them.
+        listed: Vec<Extent>,
+    },
+    /// Restored with `--allow-legacy`: no END trailer, so a cut-short image
+    /// cannot be told from a whole one.
+    Legacy,
+    /// The image's `lbs=` differs from the target device's logical block size.
+    LogicalBlockMismatch {
+        target: String,
+        image_bytes: u64,
+        target_bytes: u64,
+    },
+    /// BLKRRPART failed after a whole-disk restore (other than EINVAL, which
+    /// devices without partition support return).
+    PartitionRereadFailed { target: String, error: String },
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::Unconverged { changed_bytes } => write!(
+                f,
+                "the imaging run stopped before writes quiesced: {} ({changed_bytes} bytes) changed during its last round and may be older than the source",
+                Bytes(*changed_bytes)
+            ),
+            Warning::BadRanges {
+                count,
+                bytes,
+                listed,
+            } => {
+                let shown: Vec<String> = listed
+                    .iter()
+                    .take(BAD_RANGES_WARNED_MAX)
+                    .map(|e| {
+                        format!(
+                            "bytes {}..{}",
+                            e.offset_bytes(),
+                            e.offset_bytes().saturating_add(e.len_bytes)
+                        )
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "{count} range(s), {} ({bytes} bytes), could not be read from the source; the image holds nothing for them and the restored bytes there are zeros (a hole in a file, zeros written on a device): {}{}",
+                    Bytes(*bytes),
+                    shown.join(", "),
+                    if *count > shown.len() as u64 {
+                        format!(", ... ({} more)", count - shown.len() as u64)
+                    } else {
+                        String::new()
+                    }
+                )
+            }
+            Warning::Legacy => write!(
+                f,
+                "the image has no END trailer (--allow-legacy): every section it holds was restored, but whether sections are missing from its end cannot be checked"
+            ),
+            Warning::LogicalBlockMismatch {
+                target,
+                image_bytes,
+                target_bytes,
+            } => write!(
+                f,
+                "the image was taken from a device with {image_bytes}-byte logical blocks, {target} has {target_bytes}-byte blocks: the bytes are restored exactly, but a partition table counts in logical blocks, so one written for {image_bytes}-byte sectors is misplaced on this device (its partitions and GPT header are looked for at other offsets), and filesystems made for {image_bytes}-byte sectors may not mount"
+            ),
+            Warning::PartitionRereadFailed { target, error } => write!(
+                f,
+                "the image was restored, but the kernel could not re-read the partition table of {target} ({error}): its partition devices may show the old layout until it is re-read (blockdev --rereadpt {target}, or a reboot)"
+            ),
+        }
+    }
+}
+
 /// The outcome of a command that read a whole image.
 #[derive(Debug)]
 pub struct Outcome {
     pub summary: Summary,
     /// Empty when the result is complete.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 /// Reads the whole image, checks it, writes nothing.
@@ -264,15 +330,22 @@ pub fn reassemble(
     let target_is_device = fs::metadata(output)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    let summary = if target_is_device {
+    let (summary, device_warnings) = if target_is_device {
         reassemble_to_device(source, output, options)?
     } else {
-        reassemble_to_file(source, output, options)?
+        (reassemble_to_file(source, output, options)?, Vec::new())
     };
-    Ok(Outcome {
-        warnings: summary.incomplete_reasons(),
-        summary,
-    })
+    let mut warnings = summary.incomplete_reasons();
+    if summary.trailer.is_none() {
+        // Only reached with --allow-legacy: both targets refuse otherwise.
+        assert!(
+            options.allow_legacy,
+            "a legacy image restored without --allow-legacy"
+        );
+        warnings.push(Warning::Legacy);
+    }
+    warnings.extend(device_warnings);
+    Ok(Outcome { warnings, summary })
 }
 
 fn legacy_refusal(source: &ImageSource) -> anyhow::Error {
@@ -308,16 +381,24 @@ fn reassemble_to_file(
             .context(format!("nothing was written to {}", output.display()));
     }
     sink.finish(summary.extent_bytes)
-        .with_context(|| format!("finishing {}", temp.path.display()))?;
+        .with_context(|| format!("finishing {}", temp.describe()))?;
     temp.persist(output)?;
     Ok(summary)
 }
 
+/// Writes the image onto a block device. An image file is verified whole
+/// first; an image on stdin can only be verified as it is written, so the
+/// banner's `size=` is checked against the device before the first write,
+/// each extent as it comes, and the device's first and last MiB — where
+/// partition tables, filesystem superblocks and the GPT backup live — are
+/// held in memory and written only once the trailer verified. A stream that
+/// fails midway therefore leaves the device's ends as they were: a partial
+/// middle, never a disk that looks bootable or mountable but is half old.
 fn reassemble_to_device(
     source: &ImageSource,
     output: &Path,
     options: Options,
-) -> anyhow::Result<Summary> {
+) -> anyhow::Result<(Summary, Vec<Warning>)> {
     let name = output.display();
     let dev = DevNum::of_path(output)?.expect("checked to be a block device");
     let mut devs = vec![dev];
@@ -329,7 +410,9 @@ fn reassemble_to_device(
             uses.join("; ")
         );
     }
+    // Read as well as write: the held ranges start as the device's content.
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_EXCL)
         .open(output)
@@ -341,6 +424,8 @@ fn reassemble_to_device(
         })?;
     let device_bytes =
         blockdev::size_bytes(&file).with_context(|| format!("cannot read the size of {name}"))?;
+    let logical_block_bytes = blockdev::logical_block_bytes(&file)
+        .with_context(|| format!("cannot read the logical block size of {name}"))?;
 
     // A file image is checked whole before the device is touched; a stream
     // can only be checked as it is written.
@@ -367,9 +452,13 @@ fn reassemble_to_device(
     let mut sink = DeviceSink::new(file, device_bytes, output);
     let result = read_image(source, &mut sink, "Restored");
     let summary = result.map_err(|e| {
+        if sink.bytes_written == 0 {
+            // Held bytes are written only after the image verified.
+            return e.context(format!("nothing was written to {name}"));
+        }
         e.context(format!(
-            "restore to {name} stopped after writing {} bytes in {} complete sections (the last complete one ended at device byte {}); {name} now holds a partial image",
-            sink.bytes_written, sink.sections_done, sink.last_section_end_bytes
+            "restore to {name} stopped after {} complete sections (the last complete one ended at device byte {}), with {} bytes written to {name}; its first and last MiB (partition tables, superblocks, the GPT backup) were held back and still hold what they held before, and the bytes between hold a partial image. Restore a complete image before using {name}",
+            sink.sections_done, sink.last_section_end_bytes, sink.bytes_written
         ))
     })?;
     sink.file
@@ -377,10 +466,36 @@ fn reassemble_to_device(
         .with_context(|| format!("flushing {name}"))?;
     if summary.trailer.is_none() && !options.allow_legacy {
         return Err(legacy_refusal(source)).context(format!(
-            "{name} was written in full from the stream, but the image cannot be checked"
+            "the stream was written onto {name} except its first and last MiB, which were held back and not written"
         ));
     }
-    Ok(summary)
+    sink.write_held()?;
+    sink.file
+        .sync_all()
+        .with_context(|| format!("flushing {name}"))?;
+
+    let mut warnings = Vec::new();
+    if let Some(image_bytes) = summary.banner.meta.logical_block_bytes
+        && image_bytes != u64::from(logical_block_bytes)
+    {
+        warnings.push(Warning::LogicalBlockMismatch {
+            target: name.to_string(),
+            image_bytes,
+            target_bytes: u64::from(logical_block_bytes),
+        });
+    }
+    // A whole disk's partition devices still show the layout the kernel
+    // read before; a partition has no table of its own.
+    if !blockdev::is_partition(dev)
+        && let Err(e) = blockdev::reread_partitions(&sink.file)
+        && e.raw_os_error() != Some(libc::EINVAL)
+    {
+        warnings.push(Warning::PartitionRereadFailed {
+            target: name.to_string(),
+            error: e.to_string(),
+        });
+    }
+    Ok((summary, warnings))
 }
 
 /// Image buffers in flight between the parsing thread and the sink.
@@ -403,47 +518,79 @@ enum Step {
     },
 }
 
-/// Reads every record of the image and hands its content to `sink`.
-///
-/// Two threads: one parses the image and checks its CRC, the calling one
-/// writes, so that reading and writing overlap (the machine has two cores
-/// and a restore is a copy). Buffers go round a fixed pool.
+/// Reads every record of the image at `source` and hands its content to
+/// `sink`, with a progress line on stderr.
 fn read_image(
     source: &ImageSource,
     sink: &mut dyn Sink,
     verb: &'static str,
 ) -> anyhow::Result<Summary> {
     let (input, total_bytes) = source.open()?;
+    let mut progress = Progress::new(verb, total_bytes);
+    let summary = read_stream_with(input, &source.name(), sink, CHUNK_BYTES, &mut progress)?;
+    progress.done(summary.image_bytes);
+    Ok(summary)
+}
+
+/// Reads every record of the image `input` (named `name` in errors) and
+/// hands its content to `sink`, section data in chunks of at most
+/// `chunk_bytes`. The path `reassemble` and `verify` take, without the
+/// progress line; public so that tests and fuzz targets can drive it from
+/// memory into a sink of their own.
+pub fn read_stream(
+    input: Box<dyn BufRead + Send>,
+    name: &str,
+    sink: &mut dyn Sink,
+    chunk_bytes: usize,
+) -> anyhow::Result<Summary> {
+    read_stream_with(input, name, sink, chunk_bytes, &mut Progress::silent())
+}
+
+/// Two threads: one parses the image and checks its CRC, the calling one
+/// writes, so that reading and writing overlap (the machine has two cores
+/// and a restore is a copy). Buffers go round a fixed pool, allocated here
+/// and sized by `chunk_bytes`, never by the image.
+fn read_stream_with(
+    input: Box<dyn BufRead + Send>,
+    name: &str,
+    sink: &mut dyn Sink,
+    chunk_bytes: usize,
+    progress: &mut Progress,
+) -> anyhow::Result<Summary> {
+    assert!(
+        (1..=CHUNK_BYTES).contains(&chunk_bytes),
+        "chunk of {chunk_bytes} bytes"
+    );
     let mut reader = ImageReader::new(input).map_err(|e| match signals::check() {
         Err(interrupted) => anyhow::Error::from(interrupted),
-        Ok(()) => at_image(source, e),
+        Ok(()) => at_image(name, e),
     })?;
     let mut summary = Summary {
         banner: reader.banner().clone(),
         extent_bytes: reader.banner().meta.device_bytes.unwrap_or(0),
         ..Summary::default()
     };
+    sink.begin(&summary.banner)?;
     let (step_tx, step_rx) = sync_channel::<anyhow::Result<Step>>(PIPELINE_BUFFERS + 2);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
     for _ in 0..PIPELINE_BUFFERS {
         free_tx
-            .send(vec![0u8; CHUNK_BYTES])
+            .send(vec![0u8; chunk_bytes])
             .expect("room for the pool");
     }
-    let name = source.clone();
+    let parser_name = name.to_string();
     // On an error on this side the channels close and the parser stops at
     // its next send or receive; it is not joined (it may be blocked reading
     // stdin), and the process exits soon after.
     let parser = thread::Builder::new()
         .name("image-parser".into())
         .spawn(move || {
-            if let Err(e) = parse_steps(&mut reader, &step_tx, &free_rx, &name) {
+            if let Err(e) = parse_steps(&mut reader, &step_tx, &free_rx, &parser_name) {
                 let _ = step_tx.send(Err(e));
             }
         })
         .context("cannot start the image parsing thread")?;
 
-    let mut progress = Progress::new(verb, total_bytes);
     loop {
         // Woken at least this often, so that a signal ends a restore whose
         // input stalls (the parser thread may sit in a read of stdin).
@@ -467,13 +614,13 @@ fn read_image(
                     Record::Zero(extent) => {
                         sink.admit(extent)?;
                         sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.zero_bytes += extent.len_bytes;
+                        summary.zero_bytes = summary.zero_bytes.saturating_add(extent.len_bytes);
                     }
                     Record::Bad(extent) => {
                         sink.admit(extent)?;
                         sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.bad_range_count += 1;
-                        summary.bad_bytes += extent.len_bytes;
+                        summary.bad_range_count = summary.bad_range_count.saturating_add(1);
+                        summary.bad_bytes = summary.bad_bytes.saturating_add(extent.len_bytes);
                         if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
                             summary.bad_ranges.push(extent);
                         }
@@ -498,8 +645,8 @@ fn read_image(
             }
             Step::SectionDone(extent) => {
                 sink.section_done(extent);
-                summary.sections += 1;
-                summary.data_bytes += extent.len_bytes;
+                summary.sections = summary.sections.saturating_add(1);
+                summary.data_bytes = summary.data_bytes.saturating_add(extent.len_bytes);
             }
             Step::Finished { image_bytes } => {
                 summary.image_bytes = image_bytes;
@@ -510,7 +657,6 @@ fn read_image(
     parser
         .join()
         .map_err(|_| anyhow!("the image parsing thread panicked"))?;
-    progress.done(summary.image_bytes);
     Ok(summary)
 }
 
@@ -519,7 +665,7 @@ fn parse_steps(
     reader: &mut ImageReader<Box<dyn BufRead + Send>>,
     steps: &SyncSender<anyhow::Result<Step>>,
     free: &Receiver<Vec<u8>>,
-    source: &ImageSource,
+    source: &str,
 ) -> anyhow::Result<()> {
     // A closed channel means the sink side stopped; it reports why.
     let closed = || anyhow!("the restore stopped");
@@ -564,12 +710,22 @@ fn parse_steps(
     steps.send(Ok(finished)).map_err(|_| closed())
 }
 
-fn at_image(source: &ImageSource, error: FormatError) -> anyhow::Error {
-    anyhow!(error).context(format!("bad image {}", source.name()))
+fn at_image(source: &str, error: FormatError) -> anyhow::Error {
+    anyhow!(error).context(format!("bad image {source}"))
 }
 
-/// Where restored bytes go.
-trait Sink {
+/// Where restored bytes go. Called in image order: `begin` once, then for
+/// each extent record `admit`, then its data (`write`, in order, within the
+/// extent) or its zeros (`zero`, the whole extent at once), and
+/// `section_done` after the last byte of an `S:` section. Every extent has
+/// been checked by the reader (its end fits in 64 bits and does not pass the
+/// banner's `size=`); nothing is known to be verified until the call
+/// returns Ok — the trailer comes last.
+pub trait Sink {
+    /// Refuses an image the target cannot take, before anything is written.
+    fn begin(&mut self, _banner: &Banner) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Refuses an extent the target cannot hold, before any of it is written.
     fn admit(&mut self, _extent: Extent) -> anyhow::Result<()> {
         Ok(())
@@ -580,7 +736,7 @@ trait Sink {
 }
 
 /// `verify`: everything is read and checked, nothing is written.
-struct NullSink;
+pub struct NullSink;
 
 impl Sink for NullSink {
     fn write(&mut self, _: u64, _: &[u8]) -> anyhow::Result<()> {
@@ -708,12 +864,112 @@ fn is_zero(bytes: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Bytes at each end of a target device held in memory until the image
+/// verified: covers the MBR and the primary GPT (sectors 0..34 with 512-byte
+/// sectors, 0..6 with 4 KiB ones), the usual 1 MiB partition alignment gap,
+/// ext4/XFS/btrfs superblocks at the start of a whole-disk filesystem, and
+/// the backup GPT and MD/ZFS labels at the end.
+const HELD_BYTES: u64 = 1 << 20;
+/// The target's first and last MiB, and the last MiB of the device the
+/// image was taken from when that was smaller (its backup GPT lands there).
+const HELD_RANGES_MAX: usize = 3;
+/// A write splits into at most one piece per held range and one before
+/// each, plus one after the last.
+const PIECES_MAX: usize = 2 * HELD_RANGES_MAX + 1;
+
+/// Where a piece of a write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Device,
+    /// Into the held range of this index.
+    Held(usize),
+}
+
+/// One held range: the bytes the device will have there once the image
+/// verified (its old content, overwritten by the image as it arrives).
+struct HeldRange {
+    start_bytes: u64,
+    data: Vec<u8>,
+}
+
+impl HeldRange {
+    fn end_bytes(&self) -> u64 {
+        self.start_bytes + self.data.len() as u64
+    }
+}
+
+/// The ranges to hold for a device of `device_bytes` and an image of a
+/// device of `image_device_bytes` (its `size=`, if any): sorted, disjoint,
+/// none empty, at most [`HELD_RANGES_MAX`].
+fn held_ranges(device_bytes: u64, image_device_bytes: Option<u64>) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::with_capacity(HELD_RANGES_MAX);
+    ranges.push((0, HELD_BYTES.min(device_bytes)));
+    ranges.push((device_bytes.saturating_sub(HELD_BYTES), device_bytes));
+    if let Some(image_bytes) = image_device_bytes.filter(|&b| b < device_bytes) {
+        ranges.push((image_bytes.saturating_sub(HELD_BYTES), image_bytes));
+    }
+    ranges.retain(|&(start, end)| start < end);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(HELD_RANGES_MAX);
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    assert!(merged.len() <= HELD_RANGES_MAX);
+    merged
+}
+
+/// Splits `len_bytes` at `offset_bytes` at the edges of `held` (sorted and
+/// disjoint) into pieces `(offset, len, place)`, in order. The caller
+/// guarantees the range fits in 64 bits (the reader checked the extent).
+fn pieces(
+    held: &[HeldRange],
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> ([(u64, u64, Place); PIECES_MAX], usize) {
+    let end_bytes = offset_bytes
+        .checked_add(len_bytes)
+        .expect("the reader checked the extent");
+    let mut out = [(0, 0, Place::Device); PIECES_MAX];
+    let mut count = 0;
+    let mut at = offset_bytes;
+    for (index, range) in held.iter().enumerate() {
+        if range.end_bytes() <= at {
+            continue;
+        }
+        if range.start_bytes >= end_bytes {
+            break;
+        }
+        if at < range.start_bytes {
+            out[count] = (at, range.start_bytes - at, Place::Device);
+            count += 1;
+            at = range.start_bytes;
+        }
+        let stop = range.end_bytes().min(end_bytes);
+        out[count] = (at, stop - at, Place::Held(index));
+        count += 1;
+        at = stop;
+    }
+    if at < end_bytes {
+        out[count] = (at, end_bytes - at, Place::Device);
+        count += 1;
+    }
+    (out, count)
+}
+
 /// A block device: every byte written, zeros included; extents past its end
-/// refused before any of their bytes is written.
+/// refused before any of their bytes is written; its ends held back until
+/// [`write_held`](Self::write_held).
 struct DeviceSink {
     file: File,
     name: String,
     device_bytes: u64,
+    /// Empty until `begin`; then sorted, disjoint, at most
+    /// [`HELD_RANGES_MAX`] of at most [`HELD_BYTES`] each.
+    held: Vec<HeldRange>,
+    /// Bytes that reached the device (held ones once written).
     bytes_written: u64,
     sections_done: u64,
     last_section_end_bytes: u64,
@@ -726,15 +982,85 @@ impl DeviceSink {
             file,
             name: path.display().to_string(),
             device_bytes,
+            held: Vec::new(),
             bytes_written: 0,
             sections_done: 0,
             last_section_end_bytes: 0,
             zeros: Vec::new(),
         }
     }
+
+    fn write_direct(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.file
+            .write_all_at(data, offset_bytes)
+            .with_context(|| {
+                format!(
+                    "writing {} bytes at byte {offset_bytes} of {}",
+                    data.len(),
+                    self.name
+                )
+            })?;
+        self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
+        Ok(())
+    }
+
+    fn zero_direct(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; CHUNK_BYTES];
+        }
+        let mut done = 0;
+        while done < len_bytes {
+            let n = CHUNK_BYTES.min((len_bytes - done) as usize);
+            let at = offset_bytes + done;
+            self.file
+                .write_all_at(&self.zeros[..n], at)
+                .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
+            self.bytes_written = self.bytes_written.saturating_add(n as u64);
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes the held ranges: called once the image verified.
+    fn write_held(&mut self) -> anyhow::Result<()> {
+        let held = std::mem::take(&mut self.held);
+        for range in &held {
+            self.write_direct(range.start_bytes, &range.data)
+                .context("writing the held-back first and last MiB after the image verified")?;
+        }
+        Ok(())
+    }
 }
 
 impl Sink for DeviceSink {
+    fn begin(&mut self, banner: &Banner) -> anyhow::Result<()> {
+        if let Some(image_bytes) = banner.meta.device_bytes
+            && image_bytes > self.device_bytes
+        {
+            bail!(
+                "the image is of a device of {image_bytes} bytes ({}, the size= in its banner), {} holds only {} bytes ({}); nothing was written. Restore it onto a device at least that large",
+                Bytes(image_bytes),
+                self.name,
+                self.device_bytes,
+                Bytes(self.device_bytes)
+            );
+        }
+        for (start, end) in held_ranges(self.device_bytes, banner.meta.device_bytes) {
+            let mut data = vec![0u8; (end - start) as usize];
+            self.file.read_exact_at(&mut data, start).with_context(|| {
+                format!(
+                    "reading bytes {start}..{end} of {} to hold them until the image verified; nothing was written",
+                    self.name
+                )
+            })?;
+            self.held.push(HeldRange {
+                start_bytes: start,
+                data,
+            });
+        }
+        Ok(())
+    }
+
     fn admit(&mut self, extent: Extent) -> anyhow::Result<()> {
         let end = extent.end_bytes().expect("the reader checked the extent");
         if end > self.device_bytes {
@@ -750,47 +1076,57 @@ impl Sink for DeviceSink {
     }
 
     fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()> {
-        self.file
-            .write_all_at(data, offset_bytes)
-            .with_context(|| {
-                format!(
-                    "writing {} bytes at byte {offset_bytes} of {}",
-                    data.len(),
-                    self.name
-                )
-            })?;
-        self.bytes_written += data.len() as u64;
+        let (pieces, count) = pieces(&self.held, offset_bytes, data.len() as u64);
+        for &(at, len, place) in &pieces[..count] {
+            let from = (at - offset_bytes) as usize;
+            let part = &data[from..from + len as usize];
+            match place {
+                Place::Device => self.write_direct(at, part)?,
+                Place::Held(index) => {
+                    let range = &mut self.held[index];
+                    let into = (at - range.start_bytes) as usize;
+                    range.data[into..into + part.len()].copy_from_slice(part);
+                }
+            }
+        }
         Ok(())
     }
 
     fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
-        if self.zeros.is_empty() {
-            self.zeros = vec![0u8; CHUNK_BYTES];
-        }
-        let mut done = 0;
-        while done < len_bytes {
-            let n = CHUNK_BYTES.min((len_bytes - done) as usize);
-            let at = offset_bytes + done;
-            self.file
-                .write_all_at(&self.zeros[..n], at)
-                .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
-            self.bytes_written += n as u64;
-            done += n as u64;
+        let (pieces, count) = pieces(&self.held, offset_bytes, len_bytes);
+        for &(at, len, place) in &pieces[..count] {
+            match place {
+                Place::Device => self.zero_direct(at, len)?,
+                Place::Held(index) => {
+                    let range = &mut self.held[index];
+                    let into = (at - range.start_bytes) as usize;
+                    range.data[into..into + len as usize].fill(0);
+                }
+            }
         }
         Ok(())
     }
 
     fn section_done(&mut self, extent: Extent) {
-        self.sections_done += 1;
+        self.sections_done = self.sections_done.saturating_add(1);
         self.last_section_end_bytes = extent.end_bytes().expect("checked");
     }
 }
 
-/// The temporary file a restore writes, removed unless it is renamed into
-/// place after the whole image verified.
+/// The file a restore writes before it is complete. Where the filesystem
+/// offers `O_TMPFILE` it is unnamed — an inode in the output's directory
+/// with no name, freed by the kernel when the process ends however it ends,
+/// so even a SIGKILL leaves no multi-GiB leftover — and gets a name only
+/// once the image verified. Elsewhere it is `.NAME.hc-partial-PID`, removed
+/// on every path this process survives.
 struct TempFile {
-    path: PathBuf,
     file: File,
+    dir: PathBuf,
+    /// The name it has on disk, if any: the named fallback from the start,
+    /// the unnamed file once linked. Removed on drop unless persisted.
+    path: Option<PathBuf>,
+    /// Where the unnamed file is linked before the rename.
+    named_path: PathBuf,
     persisted: bool,
 }
 
@@ -806,7 +1142,41 @@ impl TempFile {
         let mut temp_name = std::ffi::OsString::from(".");
         temp_name.push(name);
         temp_name.push(format!(".hc-partial-{}", std::process::id()));
-        let path = dir.join(temp_name);
+        let named_path = dir.join(temp_name);
+        match Self::create_unnamed(&dir) {
+            Ok(file) => Ok(TempFile {
+                file,
+                dir,
+                path: None,
+                named_path,
+                persisted: false,
+            }),
+            // The filesystem (or kernel) has no O_TMPFILE.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                Self::create_named(dir, named_path)
+            }
+            Err(e) => Err(anyhow!(e).context(format!(
+                "cannot create a temporary file in {}",
+                dir.display()
+            ))),
+        }
+    }
+
+    fn create_unnamed(dir: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+    }
+
+    fn create_named(dir: PathBuf, path: PathBuf) -> anyhow::Result<TempFile> {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -814,35 +1184,104 @@ impl TempFile {
             .open(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(TempFile {
-            path,
             file,
+            dir,
+            path: Some(path.clone()),
+            named_path: path,
             persisted: false,
         })
     }
 
-    fn persist(mut self, output: &Path) -> anyhow::Result<()> {
-        fs::rename(&self.path, output).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.path.display(),
-                output.display()
-            )
-        })?;
-        self.persisted = true;
-        if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty())
-            && let Ok(dir) = File::open(dir)
-        {
-            // Make the rename itself durable.
-            let _ = dir.sync_all();
+    fn is_unnamed(&self) -> bool {
+        self.path.is_none()
+    }
+
+    /// For messages: the name, or what the unnamed file is.
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => format!(
+                "the unnamed temporary file (O_TMPFILE) in {}",
+                self.dir.display()
+            ),
         }
+    }
+
+    /// Gives the unnamed file the name `named_path` (linkat through
+    /// /proc/self/fd, which needs no privilege; AT_EMPTY_PATH where /proc
+    /// is missing, which needs CAP_DAC_READ_SEARCH).
+    fn link(&mut self) -> anyhow::Result<()> {
+        let target = CString::new(self.named_path.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("{}: a NUL byte in the path", self.named_path.display()))?;
+        let fd = self.file.as_raw_fd();
+        let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+        // SAFETY: linkat reads two NUL-terminated strings that live across
+        // the call; the fd is ours and open.
+        let mut rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+            // SAFETY: as above; the empty path names the fd itself.
+            rc = unsafe {
+                libc::linkat(
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    target.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+        }
+        if rc != 0 {
+            return Err(anyhow!(io::Error::last_os_error()).context(format!(
+                "cannot give {} the name {}",
+                self.describe(),
+                self.named_path.display()
+            )));
+        }
+        self.path = Some(self.named_path.clone());
         Ok(())
+    }
+
+    /// Puts the finished, flushed file in place at `output` (replacing any
+    /// file there in one rename), then flushes the directory so that the
+    /// new name survives a crash.
+    fn persist(mut self, output: &Path) -> anyhow::Result<()> {
+        if self.is_unnamed() {
+            // Only now does the file get a name: a kill before this point
+            // leaves nothing; one between here and the rename leaves it
+            // under the temporary name, as the named fallback would.
+            self.link()?;
+        }
+        let path = self.path.clone().expect("named by now");
+        fs::rename(&path, output)
+            .with_context(|| format!("cannot rename {} to {}", path.display(), output.display()))?;
+        self.persisted = true;
+        let dir_error = |e: io::Error| {
+            anyhow!(e).context(format!(
+                "{} is in place, but its directory {} could not be flushed: the new name may not survive a crash (run sync, or restore again)",
+                output.display(),
+                self.dir.display()
+            ))
+        };
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(dir_error)
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.persisted {
-            let _ = fs::remove_file(&self.path);
+        if !self.persisted
+            && let Some(path) = &self.path
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -853,6 +1292,7 @@ struct Progress {
     total_bytes: Option<u64>,
     started: Instant,
     last_shown: Instant,
+    silent: bool,
 }
 
 impl Progress {
@@ -863,18 +1303,27 @@ impl Progress {
             total_bytes,
             started: now,
             last_shown: now,
+            silent: false,
+        }
+    }
+
+    /// Shows nothing (for callers of [`read_stream`]).
+    fn silent() -> Self {
+        Progress {
+            silent: true,
+            ..Progress::new("", None)
         }
     }
 
     fn tick(&mut self, image_bytes: u64) {
-        if self.last_shown.elapsed() >= PROGRESS_INTERVAL {
+        if !self.silent && self.last_shown.elapsed() >= PROGRESS_INTERVAL {
             self.last_shown = Instant::now();
             self.show(image_bytes);
         }
     }
 
     fn done(&mut self, image_bytes: u64) {
-        if self.started.elapsed() >= PROGRESS_INTERVAL {
+        if !self.silent && self.started.elapsed() >= PROGRESS_INTERVAL {
             self.show(image_bytes);
         }
     }
@@ -904,6 +1353,175 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn held_ranges_are_the_ends_merged() {
+        assert_eq!(held_ranges(0, None), []);
+        assert_eq!(held_ranges(4096, None), [(0, 4096)]);
+        assert_eq!(held_ranges(MIB + 512, None), [(0, MIB + 512)]);
+        assert_eq!(held_ranges(2 * MIB, None), [(0, 2 * MIB)]);
+        assert_eq!(held_ranges(8 * MIB, None), [(0, MIB), (7 * MIB, 8 * MIB)]);
+        // The source device was smaller: its own last MiB is held too.
+        assert_eq!(
+            held_ranges(8 * MIB, Some(5 * MIB + 7)),
+            [(0, MIB), (4 * MIB + 7, 5 * MIB + 7), (7 * MIB, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(MIB / 2)),
+            [(0, MIB), (7 * MIB, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(7 * MIB + 1)),
+            [(0, MIB), (6 * MIB + 1, 8 * MIB)]
+        );
+        assert_eq!(
+            held_ranges(8 * MIB, Some(u64::MAX)),
+            [(0, MIB), (7 * MIB, 8 * MIB)]
+        );
+    }
+
+    /// A write or zero extent of a restore onto a device of `device_bytes`.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { offset: u64, len: u64, seed: u8 },
+        Zero { offset: u64, len: u64 },
+    }
+
+    fn ops(device_bytes: u64) -> impl Strategy<Value = Vec<Op>> {
+        // Offsets cluster round the held ranges' edges, where splitting errs.
+        let edges = [
+            0,
+            1,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            device_bytes - MIB,
+            device_bytes - 1,
+        ];
+        let offset = prop_oneof![proptest::sample::select(edges.to_vec()), 0..device_bytes,];
+        let op = (offset, 0..(MIB + MIB / 2), any::<u8>(), any::<bool>()).prop_map(
+            move |(offset, len, seed, zero)| {
+                let len = len.min(device_bytes - offset);
+                if zero {
+                    Op::Zero { offset, len }
+                } else {
+                    Op::Write { offset, len, seed }
+                }
+            },
+        );
+        proptest::collection::vec(op, 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Until write_held, the held ranges of the target are untouched
+        /// and everything else is written as it comes; after it, the target
+        /// equals the writes applied in order.
+        #[test]
+        fn device_sink_holds_the_ends_until_the_image_verified(
+            device_kib in 2048u64..4096,
+            ops in ops(4096 << 10).no_shrink(),
+        ) {
+            let device_bytes = device_kib << 10;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("device");
+            let before: Vec<u8> = (0..device_bytes).map(|i| (i % 251) as u8 | 0x80).collect();
+            fs::write(&path, &before).unwrap();
+            let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut sink = DeviceSink::new(file, device_bytes, &path);
+            sink.begin(&Banner::plain()).unwrap();
+            let held = held_ranges(device_bytes, None);
+            let mut expected = before.clone();
+            for op in &ops {
+                match *op {
+                    Op::Write { offset, len, seed } => {
+                        let (offset, len) = clamp(offset, len, device_bytes);
+                        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ 0x5a).collect();
+                        sink.write(offset, &data).unwrap();
+                        expected[offset as usize..][..len as usize].copy_from_slice(&data);
+                    }
+                    Op::Zero { offset, len } => {
+                        let (offset, len) = clamp(offset, len, device_bytes);
+                        sink.zero(offset, len).unwrap();
+                        expected[offset as usize..][..len as usize].fill(0);
+                    }
+                }
+            }
+            let midway = fs::read(&path).unwrap();
+            for (start, end) in &held {
+                let range = *start as usize..*end as usize;
+                prop_assert!(midway[range.clone()] == before[range.clone()], "held range {range:?} was written");
+            }
+            let mut at = 0u64;
+            for &(start, end) in held.iter().chain([(device_bytes, device_bytes)].iter()) {
+                let gap = at as usize..start as usize;
+                prop_assert!(midway[gap.clone()] == expected[gap.clone()], "bytes in {gap:?}, outside the held ranges, differ");
+                at = end;
+            }
+            sink.write_held().unwrap();
+            prop_assert!(fs::read(&path).unwrap() == expected);
+        }
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn unnamed_temporary_gets_a_name_only_when_persisted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.img");
+        // The system temp dir here is ext4, which has O_TMPFILE.
+        let temp = TempFile::create_beside(&out).unwrap();
+        assert!(temp.is_unnamed(), "{}", temp.describe());
+        temp.file.write_all_at(b"abandoned", 0).unwrap();
+        assert!(names_in(dir.path()).is_empty());
+        drop(temp);
+        assert!(names_in(dir.path()).is_empty());
+
+        let temp = TempFile::create_beside(&out).unwrap();
+        temp.file.write_all_at(b"restored", 0).unwrap();
+        temp.file.sync_all().unwrap();
+        temp.persist(&out).unwrap();
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(fs::read(&out).unwrap(), b"restored");
+        let mode = fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn named_temporary_is_removed_unless_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.img");
+        fs::write(&out, b"old").unwrap();
+        let temp_path = dir.path().join(".out.img.hc-partial-1");
+        let temp = TempFile::create_named(dir.path().into(), temp_path.clone()).unwrap();
+        assert!(!temp.is_unnamed());
+        assert_eq!(names_in(dir.path()), [".out.img.hc-partial-1", "out.img"]);
+        drop(temp);
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+
+        let temp = TempFile::create_named(dir.path().into(), temp_path).unwrap();
+        temp.file.write_all_at(b"new", 0).unwrap();
+        temp.persist(&out).unwrap();
+        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(fs::read(&out).unwrap(), b"new");
+    }
+
+    fn clamp(offset: u64, len: u64, device_bytes: u64) -> (u64, u64) {
+        let offset = offset.min(device_bytes);
+        (offset, len.min(device_bytes - offset))
+    }
 
     #[test]
     fn is_zero_sees_every_byte() {

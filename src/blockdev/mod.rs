@@ -113,6 +113,27 @@ pub fn logical_block_bytes(file: &File) -> io::Result<u32> {
     Ok(bytes as u32)
 }
 
+// _IO(0x12, 95) from <linux/fs.h>.
+const BLKRRPART: libc::c_ulong = 0x125f;
+
+/// Asks the kernel to re-read the partition table of an open whole disk.
+/// EINVAL means the device does not support partitions (a loop device
+/// without partition scanning, zram); EBUSY that a partition is open.
+pub fn reread_partitions(file: &File) -> io::Result<()> {
+    // SAFETY: BLKRRPART takes no argument and touches no user memory.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKRRPART as _, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// True when `dev` is a partition, not a whole disk (sysfs has a
+/// `partition` attribute only for partitions).
+pub fn is_partition(dev: DevNum) -> bool {
+    dev.sysfs_dir().join("partition").exists()
+}
+
 /// The partitions of a whole disk (empty for a partition or a disk without).
 pub fn partitions_of(disk: DevNum) -> Vec<DevNum> {
     let Ok(entries) = fs::read_dir(disk.sysfs_dir()) else {

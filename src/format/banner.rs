@@ -121,6 +121,37 @@ impl Banner {
     }
 }
 
+/// Metadata from an image, safe to print on a terminal: printable ASCII as
+/// it is, a backslash as `\\`, every other byte (control characters, the
+/// ESC of a terminal escape sequence, bytes of non-ASCII characters, which
+/// could be bidirectional overrides) as `\xNN`. The banner is input, and
+/// a hostile image must not be able to drive the operator's terminal.
+pub fn printable(value: &[u8]) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b' '..=b'~' => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+impl Meta {
+    /// `source=` as [`printable`] shows it.
+    pub fn source_printable(&self) -> Option<String> {
+        self.source
+            .as_ref()
+            .map(|path| printable(path.as_os_str().as_bytes()))
+    }
+
+    /// `tool=` as [`printable`] shows it.
+    pub fn tool_printable(&self) -> Option<String> {
+        self.tool.as_ref().map(|tool| printable(tool.as_bytes()))
+    }
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -197,6 +228,28 @@ mod tests {
         assert!(line.starts_with(BANNER_PLAIN.as_bytes()));
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         assert_eq!(Banner::parse(&line).unwrap(), banner);
+    }
+
+    #[test]
+    fn printed_metadata_cannot_drive_a_terminal() {
+        let line = format!(
+            "{BANNER_PLAIN} hc=1 source=/dev/x%1B]0;owned%07%0A%E2%80%AE tool=a%5Cb%1B[2J\n"
+        );
+        let banner = Banner::parse(line.as_bytes()).unwrap();
+        let source = banner.meta.source_printable().unwrap();
+        let tool = banner.meta.tool_printable().unwrap();
+        assert_eq!(source, "/dev/x\\x1b]0;owned\\x07\\x0a\\xe2\\x80\\xae");
+        assert_eq!(tool, "a\\\\b\\x1b[2J");
+        for shown in [source, tool] {
+            assert!(
+                shown.bytes().all(|b| (b' '..=b'~').contains(&b)),
+                "{shown:?}"
+            );
+        }
+        assert_eq!(
+            printable(b"/dev/disk/by-id/usb-X_1"),
+            "/dev/disk/by-id/usb-X_1"
+        );
     }
 
     #[test]

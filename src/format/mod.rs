@@ -14,7 +14,7 @@ mod reader;
 mod record;
 mod writer;
 
-pub use banner::{Banner, Meta};
+pub use banner::{Banner, Meta, printable};
 pub use error::{FormatError, FormatErrorKind};
 pub use reader::ImageReader;
 pub use record::{Extent, Record, RunState, Trailer};

@@ -166,23 +166,28 @@ impl LoopDevice {
     }
 
     pub fn with_sector_size(size_bytes: u64, sector_bytes: u32) -> LoopDevice {
+        Self::scratch(size_bytes, sector_bytes, false)
+    }
+
+    /// With partition scanning (`losetup -P`): BLKRRPART re-reads its table
+    /// (this kernel has no parsers, so a re-read drops every partition).
+    pub fn with_partition_scan(size_bytes: u64) -> LoopDevice {
+        Self::scratch(size_bytes, 512, true)
+    }
+
+    fn scratch(size_bytes: u64, sector_bytes: u32, partition_scan: bool) -> LoopDevice {
         require_root("attach loop devices");
         let backing = tempfile::NamedTempFile::new().unwrap();
         backing.as_file().set_len(size_bytes).unwrap();
         let file = backing.path().to_str().unwrap();
         let sector = sector_bytes.to_string();
         let _lock = losetup_lock();
-        let path = sh(
-            "losetup",
-            &[
-                "-f",
-                "--show",
-                "--direct-io=on",
-                "--sector-size",
-                &sector,
-                file,
-            ],
-        );
+        let mut args = vec!["-f", "--show", "--direct-io=on", "--sector-size", &sector];
+        if partition_scan {
+            args.push("--partscan");
+        }
+        args.push(file);
+        let path = sh("losetup", &args);
         let backing_path = backing.path().to_path_buf();
         LoopDevice {
             path: PathBuf::from(path),
@@ -253,6 +258,14 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         let dev = self.path.to_string_lossy().into_owned();
         for number in self.partitions.drain(..) {
+            // A partition-table re-read may have removed it already.
+            let name = format!(
+                "{}p{number}",
+                self.path.file_name().unwrap().to_string_lossy()
+            );
+            if !Path::new("/sys/class/block").join(name).exists() {
+                continue;
+            }
             let _ = Command::new("delpart")
                 .args([&dev, &number.to_string()])
                 .status();
