@@ -6,6 +6,7 @@
 
 pub mod run;
 pub mod slowdisk;
+pub mod stale;
 
 use std::fs;
 use std::io::Write;
