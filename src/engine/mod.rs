@@ -695,6 +695,16 @@ impl Job<'_> {
         }
     }
 
+    /// Fails the job for a read that found the device shorter than planned.
+    pub fn fail_at_end_of_device(&self, offset_bytes: u64, len_bytes: impl std::fmt::Display) {
+        self.fail(anyhow::anyhow!(
+            "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
+             device (planned for a device of {} bytes; did it shrink?)",
+            self.device.display(),
+            self.geometry.device_bytes
+        ));
+    }
+
     /// Records `err` unless an error came first, and halts the job.
     pub fn fail(&self, err: anyhow::Error) {
         let mut first_error = lock(&self.first_error);

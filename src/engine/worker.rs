@@ -398,12 +398,7 @@ impl WorkerRing {
         }
         let got_bytes = result as u32;
         if got_bytes == 0 {
-            job.fail(anyhow::anyhow!(
-                "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
-                 device (planned for a device of {} bytes; did it shrink?)",
-                job.device.display(),
-                job.geometry.device_bytes
-            ));
+            job.fail_at_end_of_device(offset_bytes, len_bytes);
             self.free(slot_index);
             return;
         }
@@ -572,12 +567,7 @@ impl WorkerRing {
                 offset_bytes,
                 len_bytes,
             }) => {
-                job.fail(anyhow::anyhow!(
-                    "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
-                     device (planned for a device of {} bytes; did it shrink?)",
-                    job.device.display(),
-                    job.geometry.device_bytes
-                ));
+                job.fail_at_end_of_device(offset_bytes, len_bytes);
                 self.free(slot_index);
                 return;
             }
