@@ -1521,7 +1521,10 @@ mod tests {
         }
         let missing: Vec<_> = marked.difference(&taken_blocks).take(10).collect();
         assert!(missing.is_empty(), "marked but never taken: {missing:?}");
-        if exact {
+        // `new` coarsens only when producers lose install races while every
+        // spare slot is full (module docs): then whole leaves are taken,
+        // more than was marked but never less.
+        if exact && map.coarse_mark_count() == 0 {
             assert_eq!(taken_blocks, marked);
         } else {
             let marked_leaves: BTreeSet<u64> =
