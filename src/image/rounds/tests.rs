@@ -423,58 +423,47 @@ fn held_rounds_do_not_count() {
     assert_exact(&sim);
 }
 
+/// A look that took `extent_count` extents of `dirty_bytes` in a whole
+/// pass, with nothing pending or in flight, not held, not frozen.
+fn look(dirty_bytes: u64, extent_count: usize) -> Look {
+    Look {
+        dirty_bytes,
+        extent_count,
+        pass_complete: true,
+        pass_whole: true,
+        pending: PendingSummary {
+            sectors: 0,
+            stalest: None,
+        },
+        completions: Completions::Reported,
+        writes_in_flight: 0,
+        held: false,
+        hold_frozen: false,
+        frozen: false,
+        now: Instant::now(),
+    }
+}
+
 #[test]
 fn policy_freezes_when_the_dirty_set_is_small() {
     let mut rounds = Rounds::new(RoundsConfig {
         freeze_dirty_bytes_max: 1 << 20,
         ..config(true)
     });
-    let look = Look {
-        dirty_bytes: 4096,
-        extent_count: 1,
-        pass_complete: true,
-        pass_whole: true,
-        pending: PendingSummary {
-            sectors: 0,
-            stalest: None,
-        },
-        completions: Completions::Reported,
-        writes_in_flight: 0,
-        held: false,
-        hold_frozen: false,
-        frozen: false,
-        now: Instant::now(),
-    };
-    assert_eq!(rounds.decide(&look), Step::Freeze);
+    let small = look(4096, 1);
+    assert_eq!(rounds.decide(&small), Step::Freeze);
     assert!(rounds.is_frozen());
-    assert_eq!(rounds.decide(&look), Step::Read { remark: false });
+    assert_eq!(rounds.decide(&small), Step::Read { remark: false });
     let quiet = Look {
-        dirty_bytes: 0,
-        extent_count: 0,
         frozen: true,
-        ..look
+        ..look(0, 0)
     };
     assert_eq!(rounds.decide(&quiet), Step::Converged);
 }
 
 #[test]
 fn a_freeze_that_ends_early_is_not_taken_again_and_cannot_vouch_for_missing_completions() {
-    let base = Look {
-        dirty_bytes: 4096,
-        extent_count: 1,
-        pass_complete: true,
-        pass_whole: true,
-        pending: PendingSummary {
-            sectors: 0,
-            stalest: None,
-        },
-        completions: Completions::Reported,
-        writes_in_flight: 0,
-        held: false,
-        hold_frozen: false,
-        frozen: false,
-        now: Instant::now(),
-    };
+    let base = look(4096, 1);
     // A device that reports completions: after the early thaw, the normal
     // rules; a small dirty set does not freeze again.
     let mut rounds = Rounds::new(RoundsConfig {
@@ -517,23 +506,8 @@ fn a_freeze_that_ends_early_is_not_taken_again_and_cannot_vouch_for_missing_comp
 #[test]
 fn policy_waits_on_pending_writes_and_on_inflight() {
     let mut rounds = Rounds::new(config(false));
-    let now = Instant::now();
-    let quiet = Look {
-        dirty_bytes: 0,
-        extent_count: 0,
-        pass_complete: true,
-        pass_whole: true,
-        pending: PendingSummary {
-            sectors: 0,
-            stalest: None,
-        },
-        completions: Completions::Reported,
-        writes_in_flight: 0,
-        held: false,
-        hold_frozen: false,
-        frozen: false,
-        now,
-    };
+    let quiet = look(0, 0);
+    let now = quiet.now;
     let pending = Look {
         pending: PendingSummary {
             sectors: 8,
