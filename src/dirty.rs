@@ -137,9 +137,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-/// Bytes in a sector as trace events count them, whatever the device's
-/// logical block size.
-const SECTOR_BYTES: u64 = 512;
+use crate::geom::SECTOR_BYTES;
 /// Smallest block the map tracks: one sector.
 pub const BLOCK_BYTES_MIN: u32 = 512;
 /// Bits in one bitmap word.

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod exit;
 pub mod format;
 pub mod freeze;
+pub mod geom;
 pub mod image;
 pub mod output;
 pub mod restore;

@@ -4,8 +4,7 @@
 
 use crate::dirty::Extent;
 
-/// Bytes in a sector as extents count them.
-pub(crate) const SECTOR_BYTES: u64 = 512;
+pub(crate) use crate::geom::SECTOR_BYTES;
 
 /// The device facts and the chunk size the plan needs. All sizes in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

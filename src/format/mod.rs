@@ -20,9 +20,8 @@ pub use reader::ImageReader;
 pub use record::{Extent, Record, RunState, Trailer};
 pub use writer::ImageWriter;
 
-/// Section addresses are always in 512-byte units, whatever the device's
-/// logical block size (the original tool's convention).
-pub const SECTOR_BYTES: u64 = 512;
+/// Section addresses are in sectors ([`crate::geom`]).
+pub use crate::geom::SECTOR_BYTES;
 
 /// The banner the original tool writes, byte for byte (without its newline).
 pub const BANNER_PLAIN: &str =

@@ -28,9 +28,7 @@ pub mod tracefs;
 
 use std::fmt;
 
-/// Bytes in one sector as the block layer counts them in trace events, whatever
-/// the device's logical block size.
-pub const SECTOR_BYTES: u64 = 512;
+pub use crate::geom::SECTOR_BYTES;
 
 /// A device number in the kernel's internal encoding, `major << 20 | minor`
 /// (`MINORBITS` = 20), as trace events carry it and as tracefs filters
