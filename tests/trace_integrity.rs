@@ -26,6 +26,8 @@ struct Imaging {
 }
 
 impl Imaging {
+    /// Starts a run of `device`, held in catch-up, and waits until its
+    /// main pass is done.
     fn start(device: &Path) -> Imaging {
         let dir = tempfile::tempdir().unwrap();
         let hold = dir.path().join("hold");
@@ -38,11 +40,9 @@ impl Imaging {
             .arg("--hold-file")
             .arg(&hold)
             .stdout(Stdio::null());
-        Imaging {
-            run: LiveRun::spawn(cmd),
-            dir,
-            hold,
-        }
+        let mut run = LiveRun::spawn(cmd);
+        assert!(run.wait_for("Main pass done", RUN_TIMEOUT), "{}", run.log());
+        Imaging { run, dir, hold }
     }
 
     /// The run's tracefs instance (named `hot-clone-<pid>-...`).
@@ -103,11 +103,6 @@ fn tampering_ends_in_status_4(file: &str, text: &str, expected_in_log: &str) {
     require_root("attach loop devices and read tracefs instances");
     let device = LoopDevice::new(32 << 20);
     let mut imaging = Imaging::start(&device.path);
-    assert!(
-        imaging.run.wait_for("Main pass done", RUN_TIMEOUT),
-        "{}",
-        imaging.run.log()
-    );
     let instance = imaging.instance();
     fs::write(instance.join(file), text)
         .unwrap_or_else(|e| panic!("writing {text:?} to {file}: {e}"));
@@ -156,11 +151,6 @@ fn an_untouched_run_ends_cleanly() {
     require_root("attach loop devices");
     let device = LoopDevice::new(32 << 20);
     let mut imaging = Imaging::start(&device.path);
-    assert!(
-        imaging.run.wait_for("Main pass done", RUN_TIMEOUT),
-        "{}",
-        imaging.run.log()
-    );
     write_block(&device.path, 1 << 20);
     std::thread::sleep(Duration::from_millis(300));
     let _ = fs::remove_file(&imaging.hold);
@@ -191,12 +181,7 @@ fn a_run_leaves_a_stale_looking_instance_in_use_alone() {
     require_root("attach loop devices and create tracefs instances");
     let device = LoopDevice::new(16 << 20);
     let (instance, pipe) = held_stale_instance(2);
-    let name = instance
-        .path
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let name = instance.name();
     let enable = instance.path.join("events/block/block_bio_queue/enable");
 
     let (status, log) = image_once(&device.path);

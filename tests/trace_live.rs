@@ -561,12 +561,7 @@ fn cleanup_removes_stale_instances_only() {
 fn cleanup_leaves_an_instance_in_use_alone_and_tracing() {
     require_root();
     let (instance, pipe) = held_stale_instance(1);
-    let name = instance
-        .path
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let name = instance.name();
 
     let removed = cleanup_stale_instances().expect("cleanup");
     assert!(!removed.contains(&name), "removed an instance in use");

@@ -29,6 +29,17 @@ pub struct HandMadeInstance {
     pub path: PathBuf,
 }
 
+impl HandMadeInstance {
+    /// The instance's directory name.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .expect("an instance path has a name")
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
 impl Drop for HandMadeInstance {
     fn drop(&mut self) {
         let _ = fs::write(self.path.join("events/block/block_bio_queue/enable"), "0");
