@@ -154,6 +154,10 @@ pub struct PendingWrites {
     matched_total: u64,
     /// Sectors of completion events with nothing queued there when drained.
     unmatched_sectors: u64,
+    /// Scratch of `queued` and `completed`, kept so that the pump's drains
+    /// do not allocate per event once these have grown.
+    scratch_ranges: Vec<(u64, u64)>,
+    scratch_starts: Vec<u64>,
 }
 
 impl Default for PendingWrites {
@@ -174,6 +178,8 @@ impl PendingWrites {
             queued_total: 0,
             matched_total: 0,
             unmatched_sectors: 0,
+            scratch_ranges: Vec::new(),
+            scratch_starts: Vec::new(),
         }
     }
 
@@ -195,13 +201,13 @@ impl PendingWrites {
         }
         self.early
             .retain(|e| e.timestamp_ns.saturating_add(EARLY_COMPLETION_KEEP_NS) >= timestamp_ns);
-        // Sectors an early completion already ended are not pending.
-        let mut open = vec![(sector_first, end)];
-        if !self.early.is_empty() {
-            open = self.take_early(sector_first, end, timestamp_ns);
-        }
-        for (first, end) in open {
-            self.add_pending(first, end, timestamp_ns, now);
+        if self.early.is_empty() {
+            self.add_pending(sector_first, end, timestamp_ns, now);
+        } else {
+            // Sectors an early completion already ended are not pending.
+            for (first, end) in self.take_early(sector_first, end, timestamp_ns) {
+                self.add_pending(first, end, timestamp_ns, now);
+            }
         }
         if self.pieces.len() > self.ranges_max {
             // Not a healthy device's in-flight set: stop tracking, and say
@@ -229,8 +235,10 @@ impl PendingWrites {
         self.split_at(sector_first);
         self.split_at(end);
         let mut matched = false;
-        let mut emptied: Vec<u64> = Vec::new();
-        let mut unended: Vec<(u64, u64)> = Vec::new();
+        let mut emptied = std::mem::take(&mut self.scratch_starts);
+        let mut unended = std::mem::take(&mut self.scratch_ranges);
+        emptied.clear();
+        unended.clear();
         let mut cursor = sector_first;
         for (&start, piece) in self.pieces.range_mut(sector_first..end) {
             if start > cursor {
@@ -253,13 +261,15 @@ impl PendingWrites {
         if cursor < end {
             unended.push((cursor, end));
         }
-        for start in emptied {
+        for &start in &emptied {
             self.pieces.remove(&start);
         }
+        self.scratch_starts = emptied;
         if matched {
             self.matched_total += 1;
         }
-        for (first, end) in coalesce(unended) {
+        coalesce_in_place(&mut unended);
+        for &(first, end) in &unended {
             self.unmatched_sectors += end - first;
             if self.early.len() >= EARLY_COMPLETIONS_MAX {
                 self.early.remove(0);
@@ -270,6 +280,7 @@ impl PendingWrites {
                 timestamp_ns,
             });
         }
+        self.scratch_ranges = unended;
     }
 
     /// Sectors pending and the stalest pending range.
@@ -345,7 +356,8 @@ impl PendingWrites {
     fn add_pending(&mut self, first: u64, end: u64, timestamp_ns: u64, now: Instant) {
         self.split_at(first);
         self.split_at(end);
-        let mut gaps: Vec<(u64, u64)> = Vec::new();
+        let mut gaps = std::mem::take(&mut self.scratch_ranges);
+        gaps.clear();
         let mut cursor = first;
         for (&start, piece) in self.pieces.range_mut(first..end) {
             if start > cursor {
@@ -358,7 +370,7 @@ impl PendingWrites {
         if cursor < end {
             gaps.push((cursor, end));
         }
-        for (start, sector_end) in gaps {
+        for &(start, sector_end) in &gaps {
             self.pieces.insert(
                 start,
                 Piece {
@@ -368,6 +380,7 @@ impl PendingWrites {
                 },
             );
         }
+        self.scratch_ranges = gaps;
     }
 
     /// Ends, with the early completions, what a write queued at
@@ -443,17 +456,20 @@ impl PendingWrites {
     }
 }
 
-/// Sorts ranges and joins those that touch or overlap.
-fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+/// Sorts ranges and joins those that touch or overlap, in place.
+fn coalesce_in_place(ranges: &mut Vec<(u64, u64)>) {
     ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (first, end) in ranges {
-        match out.last_mut() {
-            Some(last) if first <= last.1 => last.1 = last.1.max(end),
-            _ => out.push((first, end)),
+    let mut kept = 0;
+    for index in 0..ranges.len() {
+        let (first, end) = ranges[index];
+        if kept > 0 && first <= ranges[kept - 1].1 {
+            ranges[kept - 1].1 = ranges[kept - 1].1.max(end);
+        } else {
+            ranges[kept] = (first, end);
+            kept += 1;
         }
     }
-    out
+    ranges.truncate(kept);
 }
 
 /// `first + count`, or `None` for an empty range. A range past `u64::MAX`
