@@ -81,7 +81,7 @@ pub enum Command {
     /// Exits 0 only for an image whose END trailer verified.
     Verify(VerifyArgs),
     /// Internal: started by `image --freeze`; thaws the frozen filesystems
-    /// if the imager dies (src/freeze.rs).
+    /// if the imager dies (src/source/freeze.rs).
     #[command(hide = true)]
     FreezeGuardian(GuardianArgs),
 }
@@ -287,7 +287,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Command::FreezeGuardian(args) = &cli.command {
-        return crate::freeze::guardian_main(args.parent, &args.items);
+        return crate::source::freeze::guardian_main(args.parent, &args.items);
     }
     match run(cli) {
         Ok(exit) => exit.into(),

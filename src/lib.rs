@@ -3,23 +3,16 @@
 //! The pure parts (the image format, the dirty map, the trace parsers) do no
 //! I/O beyond `Read`/`Write`, so they can be unit-tested, fuzzed and benched.
 
-pub mod adaptive;
-pub mod aligned;
-pub mod blockdev;
 pub mod cli;
-pub mod compare;
 pub mod demo;
-pub mod device;
 pub mod dirty;
 pub mod engine;
 pub mod exit;
 pub mod format;
-pub mod freeze;
 pub mod geom;
 pub mod image;
-pub mod output;
 pub mod restore;
 pub mod signals;
+pub mod source;
 pub mod trace;
 pub mod units;
-pub mod workload;

@@ -2,11 +2,11 @@
 //! out to a regular file (sparse, atomically renamed into place) or a block
 //! device (refused while in use or too small) — or nowhere, for `verify`.
 
-use crate::blockdev::{self, DevNum};
 use crate::format::{
     Banner, Extent, FormatError, ImageReader, Record, RunState, SECTOR_BYTES, Trailer,
 };
 use crate::signals;
+use crate::source::blockdev::{self, DevNum};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
 use std::ffi::CString;

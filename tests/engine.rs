@@ -13,9 +13,9 @@
 mod common;
 
 use common::*;
-use hot_clone::device::SourceDevice;
 use hot_clone::dirty::Extent;
 use hot_clone::engine::{DeviceKind, Engine, EngineConfig, ReadDone, ReadError, Stopped};
+use hot_clone::source::SourceDevice;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;

@@ -13,7 +13,7 @@ mod common;
 use common::run::LiveRun;
 use common::slowdisk::SlowDisk;
 use common::*;
-use hot_clone::workload::{Counts, Mix, run_writer};
+use hot_clone::demo::writer::{Counts, Mix, run_writer};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -74,7 +74,7 @@ impl Writes {
     }
 }
 
-/// A seeded writer thread (`hot_clone::workload`, as `hc-writer` runs it)
+/// A seeded writer thread (`hot_clone::demo::writer`, as `hc-writer` runs it)
 /// on one target; `stop` returns how many operations it made, or its error.
 struct Writer {
     stop: Arc<AtomicBool>,

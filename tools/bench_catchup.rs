@@ -6,9 +6,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hot_clone::device::SourceDevice;
 use hot_clone::dirty::DirtyMap;
 use hot_clone::engine::{Engine, EngineConfig, ReadDone};
+use hot_clone::source::SourceDevice;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         args.blocks
     );
     let map = DirtyMap::new(device.size_bytes, 4096);
-    let mut rng = hot_clone::aligned::XorShift::from_state(args.seed);
+    let mut rng = hot_clone::demo::prng::XorShift::from_state(args.seed);
     let mut chosen = std::collections::HashSet::new();
     while (chosen.len() as u64) < args.blocks {
         let block = rng.next_u64() % block_count;

@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hot_clone::compare::{Side, compare};
+use hot_clone::demo::compare::{Side, compare};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileTypeExt;

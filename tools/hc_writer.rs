@@ -1,9 +1,9 @@
 //! `hc-writer DEVICE`: a seeded random writer for live-imaging tests (see
-//! `hot_clone::workload`). It overwrites data on DEVICE.
+//! `hot_clone::demo::writer`). It overwrites data on DEVICE.
 
 use clap::Parser;
 use hot_clone::cli::parse_bytes;
-use hot_clone::workload::{Mix, run_writer};
+use hot_clone::demo::writer::{Mix, run_writer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -67,7 +67,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .map_or(1, |d| d.as_nanos() as u64)
     });
     eprintln!("hc-writer: seed {seed}");
-    let size = hot_clone::blockdev::size_bytes(&std::fs::File::open(&args.device)?)?;
+    let size = hot_clone::source::blockdev::size_bytes(&std::fs::File::open(&args.device)?)?;
     let range = match &args.range {
         None => 0..size,
         Some(text) => {

@@ -18,8 +18,8 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use hot_clone::aligned::{AlignedBuf, XorShift};
 use hot_clone::cli::parse_bytes;
+use hot_clone::demo::{aligned::AlignedBuf, prng::XorShift};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -148,7 +148,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             scratch.device.clone()
         }
     };
-    let size = hot_clone::blockdev::size_bytes(&File::open(&device)?)?;
+    let size = hot_clone::source::blockdev::size_bytes(&File::open(&device)?)?;
     let blocks = size / BLOCK as u64;
     anyhow::ensure!(blocks > 0, "{} is smaller than 4 KiB", device.display());
 

@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hot_clone::aligned::AlignedBuf;
+use hot_clone::demo::aligned::AlignedBuf;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -43,8 +43,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
         .open(&args.device)
         .with_context(|| format!("cannot open {}", args.device.display()))?;
-    let lbs = u64::from(hot_clone::blockdev::logical_block_bytes(&file)?);
-    let size = hot_clone::blockdev::size_bytes(&file)?;
+    let lbs = u64::from(hot_clone::source::blockdev::logical_block_bytes(&file)?);
+    let size = hot_clone::source::blockdev::size_bytes(&file)?;
     let mut block = AlignedBuf::new(lbs as usize);
     let mut n = 0u64;
     while args.count.is_none_or(|c| n < c) && !hot_clone::signals::interrupted() {

@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hot_clone::aligned::AlignedBuf;
+use hot_clone::demo::aligned::AlignedBuf;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -53,8 +53,8 @@ fn run(args: &Args) -> anyhow::Result<u64> {
         .custom_flags(libc::O_DIRECT)
         .open(&args.device)
         .with_context(|| format!("cannot open {}", args.device.display()))?;
-    let lbs = u64::from(hot_clone::blockdev::logical_block_bytes(&file)?);
-    let size = hot_clone::blockdev::size_bytes(&file)?;
+    let lbs = u64::from(hot_clone::source::blockdev::logical_block_bytes(&file)?);
+    let size = hot_clone::source::blockdev::size_bytes(&file)?;
     let end = args.end.unwrap_or(size / 512).min(size / 512);
     let mut block = AlignedBuf::new(lbs as usize);
     let mut count = 0;

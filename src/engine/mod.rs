@@ -61,8 +61,8 @@ mod worker;
 pub use salvage::{PIECE_BYTES as SALVAGE_PIECE_BYTES, RETRIES_MAX, is_range_error};
 pub use tune::DeviceKind;
 
-use crate::device::SourceDevice;
 use crate::dirty::Extent;
+use crate::source::SourceDevice;
 use hdrhistogram::Histogram;
 use io_uring::{IoUring, opcode};
 use plan::{Chunk, Cursor, Geometry};

@@ -21,14 +21,14 @@
 //!    for a run that can vouch for what it captured.
 //!    Lost events, a signal, or an error end the stream without one.
 
+pub mod adaptive;
 mod bad;
+pub mod output;
 mod pending;
 mod rounds;
 
 pub use pending::{COMPLETION_WAIT_MAX, COMPLETION_WAIT_NONE_SEEN, Completions};
 
-use crate::adaptive::{self, Controller, LatencyProbe};
-use crate::device::SourceDevice;
 use crate::dirty::{self, DirtyMap};
 use crate::engine::{
     Engine, EngineConfig, EngineSettings, ReadDone, ReadStats, Salvage, Unreadable,
@@ -36,15 +36,17 @@ use crate::engine::{
 use crate::format::{
     self, Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
 };
-use crate::freeze::{self, Frozen, Mount};
-use crate::output::{self, ImageOut};
 use crate::signals::{self, Interrupted};
+use crate::source::SourceDevice;
+use crate::source::freeze::{self, Frozen, Mount};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::trace::{DevT, Phase, WriteEvent};
 use crate::units::{Bytes, Rate};
+use adaptive::{Controller, LatencyProbe};
 use anyhow::{Context, bail};
 use bad::BadMap;
 use hdrhistogram::Histogram;
+use output::ImageOut;
 use pending::PendingWrites;
 use rounds::{Ending, Look, RoundRead, Rounds, RoundsConfig, World};
 use serde::Serialize;
@@ -144,7 +146,7 @@ const OUTPUT_BUFFER_BYTES: usize = 64 << 10;
 pub enum Output {
     Stdout,
     /// Written as a 0600 temporary beside it, renamed onto it when the
-    /// image is complete ([`crate::output`]); a block device or character
+    /// image is complete ([`crate::image::output`]); a block device or character
     /// device is written in place.
     File(PathBuf),
 }
@@ -154,7 +156,7 @@ pub enum Output {
 pub struct ImageOptions {
     pub device: PathBuf,
     pub output: Output,
-    /// Turn every refusal of the output guard ([`crate::output`]) and of
+    /// Turn every refusal of the output guard ([`crate::image::output`]) and of
     /// source aliases ([`SourceDevice::refuse_aliases`]) off.
     pub force: bool,
     pub engine: EngineConfig,
@@ -180,7 +182,7 @@ pub struct ImageOptions {
     pub freeze_timeout: Duration,
     /// Image bytes held in memory while frozen at most; past it, thaw.
     pub freeze_memory_max: usize,
-    /// Pace reads by the workload's write latency (`crate::adaptive`).
+    /// Pace reads by the workload's write latency (`crate::image::adaptive`).
     pub adaptive: bool,
     /// Bytes the dirty map may take at most; `None` = enough for every
     /// block (34.5 MiB per TiB at 4 KiB blocks, committed as written).
@@ -675,7 +677,7 @@ fn ignore_unsyncable(error: io::Error) -> io::Result<()> {
 /// would block on the freeze.
 fn mounts_to_freeze(device: &SourceDevice, output: &Output) -> anyhow::Result<Vec<Mount>> {
     let mut devs = vec![device.dev];
-    devs.extend(crate::blockdev::partitions_of(device.dev));
+    devs.extend(crate::source::blockdev::partitions_of(device.dev));
     let mounts = freeze::mounts_of(&devs)?;
     if mounts.is_empty() {
         bail!(

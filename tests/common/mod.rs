@@ -318,7 +318,7 @@ impl Drop for Mounted {
     }
 }
 
-pub use hot_clone::aligned::AlignedBuf;
+pub use hot_clone::demo::aligned::AlignedBuf;
 
 /// The whole content of a block device, read with O_DIRECT (so no stale
 /// page cache can hide what is on it).

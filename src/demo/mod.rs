@@ -5,8 +5,14 @@
 //! with the device; a summary. Everything it made is removed on every path
 //! (the loop device and the directory are owned by guards).
 
-use crate::aligned::{AlignedBuf, XorShift};
-use crate::compare::{Side, compare};
+pub mod aligned;
+pub mod compare;
+pub mod prng;
+pub mod writer;
+
+use crate::demo::aligned::AlignedBuf;
+use crate::demo::compare::{Side, compare};
+use crate::demo::prng::XorShift;
 use crate::image::{self, ImageOptions, Output, Verdict};
 use crate::restore::{self, ImageSource, Options};
 use crate::units::{Bytes, Rate};

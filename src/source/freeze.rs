@@ -63,10 +63,10 @@
 //! 2) is pointed at an in-memory file (memfd) and copied to the real
 //! stderr after the thaw: a log line must not block on a filesystem the
 //! run froze (stderr redirected into it, or a pipe whose reader writes
-//! there). The image output is held by the run ([`crate::output::ImageOut`]).
+//! there). The image output is held by the run ([`crate::image::output::ImageOut`]).
 
-use crate::blockdev::DevNum;
 use crate::signals::Emergency;
+use crate::source::blockdev::DevNum;
 use anyhow::{Context, bail};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
@@ -537,7 +537,7 @@ fn guardian_thaw(parent: u32, dirs: &[(File, PathBuf)]) {
 /// Whether `path` (or, if it does not exist, its parent) is on one of the
 /// filesystems in `mounts`.
 pub fn is_on(path: &Path, mounts: &[Mount]) -> bool {
-    crate::blockdev::device_for_new_file(path)
+    crate::source::blockdev::device_for_new_file(path)
         .ok()
         .flatten()
         .is_some_and(|dev| mounts.iter().any(|m| m.dev == dev))

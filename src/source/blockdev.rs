@@ -1,9 +1,6 @@
 //! Facts about block devices: size, logical block size, partitions, and who
 //! is using them (mounts, swap, holders). Read from ioctls, sysfs and procfs.
 
-pub mod alias;
-pub mod topology;
-
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

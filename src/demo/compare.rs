@@ -1,7 +1,7 @@
 //! Block-by-block comparison of two disks' contents — raw files or block
 //! devices — for `hc-compare` and the demo's final check.
 
-use crate::aligned::AlignedBuf;
+use crate::demo::aligned::AlignedBuf;
 use anyhow::Context;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -34,7 +34,7 @@ impl Side {
             .open(path)
             .with_context(|| format!("cannot open {name}"))?;
         let len_bytes = if is_device {
-            crate::blockdev::size_bytes(&file)?
+            crate::source::blockdev::size_bytes(&file)?
         } else {
             file.metadata()?.len()
         };

@@ -4,7 +4,8 @@
 //! at a fixed rate, until told to stop. It writes to the device it is given:
 //! never point it at data you want to keep.
 
-use crate::aligned::{AlignedBuf, XorShift};
+use crate::demo::aligned::AlignedBuf;
+use crate::demo::prng::XorShift;
 use anyhow::Context;
 use std::fs::OpenOptions;
 use std::ops::Range;
@@ -146,7 +147,7 @@ pub fn run_writer(
         .custom_flags(libc::O_DIRECT)
         .open(device)
         .with_context(|| format!("cannot open {} for writing", device.display()))?;
-    let logical = u64::from(crate::blockdev::logical_block_bytes(&file)?);
+    let logical = u64::from(crate::source::blockdev::logical_block_bytes(&file)?);
     let block_bytes = logical.max(4096);
     let mut plan = Plan::new(seed, range.clone(), mix.clone(), block_bytes).with_context(|| {
         format!(

@@ -22,10 +22,10 @@
 //! `--force` turns every refusal off (and opens a block device without
 //! `O_EXCL`, and follows a link).
 
-use crate::blockdev::topology::{self, FileId, Place, View};
-use crate::blockdev::{self, DevNum};
-use crate::device::SourceDevice;
 use crate::image::Output;
+use crate::source::SourceDevice;
+use crate::source::blockdev::{self, DevNum};
+use crate::source::topology::{self, FileId, Place, View};
 use anyhow::{Context, bail};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};

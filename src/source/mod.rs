@@ -3,8 +3,13 @@
 //! request, and (for a partition) its whole disk and start sector, since the
 //! kernel reports a partition's writes against the whole disk.
 
-use crate::blockdev::{self, DevNum};
+pub mod alias;
+pub mod blockdev;
+pub mod freeze;
+pub mod topology;
+
 use anyhow::{Context, bail};
+use blockdev::DevNum;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -85,7 +90,7 @@ impl SourceDevice {
         if !self.disk_name.starts_with("loop") {
             return Ok(());
         }
-        let backing = blockdev::alias::loop_backing(&self.file).with_context(|| {
+        let backing = alias::loop_backing(&self.file).with_context(|| {
             format!(
                 "cannot ask loop device {} which file is behind it (LOOP_GET_STATUS64)",
                 self.path.display()
@@ -98,13 +103,13 @@ impl SourceDevice {
         let backing_path = fs::read_to_string(&sysfs)
             .map(|text| text.trim_end_matches('\n').to_string())
             .unwrap_or_else(|_| format!("the file behind /dev/{}", self.disk_name));
-        let findings = blockdev::alias::alias_findings(
+        let findings = alias::alias_findings(
             &self.path.display().to_string(),
             &self.disk_name,
             &backing_path,
             backing,
-            &blockdev::alias::loop_attachments(),
-            &blockdev::alias::writers_of(backing),
+            &alias::loop_attachments(),
+            &alias::writers_of(backing),
         );
         if !findings.is_empty() {
             bail!(
