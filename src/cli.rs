@@ -196,7 +196,8 @@ pub struct ImageArgs {
     /// Re-reads of each logical block that fails with a read error about
     /// its range (EIO, ENODATA, EILSEQ, EREMOTEIO) before it counts as
     /// unreadable and becomes a B: record in the image (at most 64).
-    #[arg(long, value_name = "N", default_value_t = image::READ_RETRIES_DEFAULT)]
+    #[arg(long, value_name = "N", default_value_t = image::READ_RETRIES_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::engine::RETRIES_MAX)))]
     pub read_retries: u32,
     /// End the run, with no trailer and exit 1, once more than BYTES of the
     /// device cannot be read (e.g. 64M); the default stops a dead device
@@ -688,6 +689,23 @@ mod tests {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect()
         })
+    }
+
+    #[test]
+    fn read_retries_past_the_cap_are_refused() {
+        let parse = |n: u32| {
+            Cli::try_parse_from([
+                "hot-clone",
+                "image",
+                "-d",
+                "x",
+                "--read-retries",
+                &n.to_string(),
+            ])
+        };
+        assert!(parse(crate::engine::RETRIES_MAX).is_ok());
+        let error = parse(crate::engine::RETRIES_MAX + 1).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
     #[test]
