@@ -400,56 +400,14 @@ fn reassemble_to_device(
     options: Options,
 ) -> anyhow::Result<(Summary, Vec<Warning>)> {
     let name = output.display();
-    let dev = DevNum::of_path(output)?.expect("checked to be a block device");
-    let mut devs = vec![dev];
-    devs.extend(blockdev::partitions_of(dev));
-    let uses = blockdev::uses_of(&devs);
-    if !uses.is_empty() {
-        bail!(
-            "{name} is in use, refusing to restore onto it: {}",
-            uses.join("; ")
-        );
-    }
-    // Read as well as write: the held ranges start as the device's content.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_EXCL)
-        .open(output)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EBUSY) => anyhow!(
-                "{name} is in use (the kernel holds it: mounted, swap, RAID or LVM member); refusing to restore onto it"
-            ),
-            _ => anyhow!(e).context(format!("cannot open {name} for writing")),
-        })?;
-    let device_bytes =
-        blockdev::size_bytes(&file).with_context(|| format!("cannot read the size of {name}"))?;
-    let logical_block_bytes = blockdev::logical_block_bytes(&file)
-        .with_context(|| format!("cannot read the logical block size of {name}"))?;
-
+    let target = Target::open(output)?;
     // A file image is checked whole before the device is touched; a stream
     // can only be checked as it is written.
     if let ImageSource::File(_) = source {
-        let checked = read_image(source, &mut NullSink, "Checked").with_context(|| {
-            format!(
-                "checking {} before writing; nothing was written to {name}",
-                source.name()
-            )
-        })?;
-        if checked.trailer.is_none() && !options.allow_legacy {
-            return Err(legacy_refusal(source)).context(format!("nothing was written to {name}"));
-        }
-        if checked.extent_bytes > device_bytes {
-            bail!(
-                "{name} holds {device_bytes} bytes ({}), the image needs {} ({}); nothing was written",
-                Bytes(device_bytes),
-                checked.extent_bytes,
-                Bytes(checked.extent_bytes)
-            );
-        }
+        check_before_writing(source, options, &name.to_string(), target.device_bytes)?;
     }
 
-    let mut sink = DeviceSink::new(file, device_bytes, output);
+    let mut sink = DeviceSink::new(target.file, target.device_bytes, output);
     let result = read_image(source, &mut sink, "Restored");
     let summary = result.map_err(|e| {
         if sink.bytes_written == 0 {
@@ -473,7 +431,101 @@ fn reassemble_to_device(
     sink.file
         .sync_all()
         .with_context(|| format!("flushing {name}"))?;
+    let warnings = target_warnings(
+        &name.to_string(),
+        target.dev,
+        &summary,
+        target.logical_block_bytes,
+        &sink.file,
+    );
+    Ok((summary, warnings))
+}
 
+/// The block device a restore writes: refused while anything uses it or
+/// one of its partitions, then opened exclusively.
+struct Target {
+    dev: DevNum,
+    /// Read as well as write: the held ranges start as the device's content.
+    file: File,
+    device_bytes: u64,
+    logical_block_bytes: u32,
+}
+
+impl Target {
+    fn open(output: &Path) -> anyhow::Result<Target> {
+        let name = output.display();
+        let dev = DevNum::of_path(output)?.expect("checked to be a block device");
+        let mut devs = vec![dev];
+        devs.extend(blockdev::partitions_of(dev));
+        let uses = blockdev::uses_of(&devs);
+        if !uses.is_empty() {
+            bail!(
+                "{name} is in use, refusing to restore onto it: {}",
+                uses.join("; ")
+            );
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(output)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => anyhow!(
+                    "{name} is in use (the kernel holds it: mounted, swap, RAID or LVM member); refusing to restore onto it"
+                ),
+                _ => anyhow!(e).context(format!("cannot open {name} for writing")),
+            })?;
+        let device_bytes = blockdev::size_bytes(&file)
+            .with_context(|| format!("cannot read the size of {name}"))?;
+        let logical_block_bytes = blockdev::logical_block_bytes(&file)
+            .with_context(|| format!("cannot read the logical block size of {name}"))?;
+        Ok(Target {
+            dev,
+            file,
+            device_bytes,
+            logical_block_bytes,
+        })
+    }
+}
+
+/// An image file, read whole before the device `name` is written: it must verify
+/// (or be a legacy image the caller allowed) and fit.
+fn check_before_writing(
+    source: &ImageSource,
+    options: Options,
+    name: &str,
+    device_bytes: u64,
+) -> anyhow::Result<()> {
+    let checked = read_image(source, &mut NullSink, "Checked").with_context(|| {
+        format!(
+            "checking {} before writing; nothing was written to {name}",
+            source.name()
+        )
+    })?;
+    if checked.trailer.is_none() && !options.allow_legacy {
+        return Err(legacy_refusal(source)).context(format!("nothing was written to {name}"));
+    }
+    if checked.extent_bytes > device_bytes {
+        bail!(
+            "{name} holds {device_bytes} bytes ({}), the image needs {} ({}); nothing was written",
+            Bytes(device_bytes),
+            checked.extent_bytes,
+            Bytes(checked.extent_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// What a finished restore onto a device warns about: a logical block size
+/// other than the imaged device's, and a partition table the kernel could
+/// not re-read.
+fn target_warnings(
+    name: &str,
+    dev: DevNum,
+    summary: &Summary,
+    logical_block_bytes: u32,
+    file: &File,
+) -> Vec<Warning> {
     let mut warnings = Vec::new();
     if let Some(image_bytes) = summary.banner.meta.logical_block_bytes
         && image_bytes != u64::from(logical_block_bytes)
@@ -487,7 +539,7 @@ fn reassemble_to_device(
     // A whole disk's partition devices still show the layout the kernel
     // read before; a partition has no table of its own.
     if !blockdev::is_partition(dev)
-        && let Err(e) = blockdev::reread_partitions(&sink.file)
+        && let Err(e) = blockdev::reread_partitions(file)
         && e.raw_os_error() != Some(libc::EINVAL)
     {
         warnings.push(Warning::PartitionRereadFailed {
@@ -495,7 +547,7 @@ fn reassemble_to_device(
             error: e.to_string(),
         });
     }
-    Ok((summary, warnings))
+    warnings
 }
 
 /// Image buffers in flight between the parsing thread and the sink.
@@ -527,7 +579,13 @@ fn read_image(
 ) -> anyhow::Result<Summary> {
     let (input, total_bytes) = source.open()?;
     let mut progress = Progress::new(verb, total_bytes);
-    let summary = read_stream_with(input, &source.name(), sink, CHUNK_BYTES, &mut progress)?;
+    let summary = read_stream_with(
+        input,
+        &source.name(),
+        sink,
+        CHUNK_BYTES,
+        Some(&mut progress),
+    )?;
     progress.done(summary.image_bytes);
     Ok(summary)
 }
@@ -543,7 +601,7 @@ pub fn read_stream(
     sink: &mut dyn Sink,
     chunk_bytes: usize,
 ) -> anyhow::Result<Summary> {
-    read_stream_with(input, name, sink, chunk_bytes, &mut Progress::silent())
+    read_stream_with(input, name, sink, chunk_bytes, None)
 }
 
 /// Two threads: one parses the image and checks its CRC, the calling one
@@ -555,7 +613,7 @@ fn read_stream_with(
     name: &str,
     sink: &mut dyn Sink,
     chunk_bytes: usize,
-    progress: &mut Progress,
+    mut progress: Option<&mut Progress>,
 ) -> anyhow::Result<Summary> {
     assert!(
         (1..=CHUNK_BYTES).contains(&chunk_bytes),
@@ -592,47 +650,8 @@ fn read_stream_with(
         .context("cannot start the image parsing thread")?;
 
     loop {
-        // Woken at least this often, so that a signal ends a restore whose
-        // input stalls (the parser thread may sit in a read of stdin).
-        let step = loop {
-            match step_rx.recv_timeout(SIGNAL_CHECK_INTERVAL) {
-                Ok(step) => {
-                    signals::check()?;
-                    break step?;
-                }
-                Err(RecvTimeoutError::Timeout) => signals::check()?,
-                Err(RecvTimeoutError::Disconnected) => {
-                    bail!("the image parsing thread stopped unexpectedly")
-                }
-            }
-        };
-        signals::check()?;
-        match step {
-            Step::Record(record) => {
-                match record {
-                    Record::Data(extent) => sink.admit(extent)?,
-                    Record::Zero(extent) => {
-                        sink.admit(extent)?;
-                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.zero_bytes = summary.zero_bytes.saturating_add(extent.len_bytes);
-                    }
-                    Record::Bad(extent) => {
-                        sink.admit(extent)?;
-                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.bad_range_count = summary.bad_range_count.saturating_add(1);
-                        summary.bad_bytes = summary.bad_bytes.saturating_add(extent.len_bytes);
-                        if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
-                            summary.bad_ranges.push(extent);
-                        }
-                    }
-                    Record::State(state) => summary.state = Some(state),
-                    Record::End(trailer) => summary.trailer = Some(trailer),
-                }
-                if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
-                    let end = e.end_bytes().expect("the reader checked the extent");
-                    summary.extent_bytes = summary.extent_bytes.max(end);
-                }
-            }
+        match next_step(&step_rx)? {
+            Step::Record(record) => summary.count(record, sink)?,
             Step::Data {
                 offset_bytes,
                 buf,
@@ -641,7 +660,9 @@ fn read_stream_with(
             } => {
                 sink.write(offset_bytes, &buf[..len])?;
                 let _ = free_tx.send(buf);
-                progress.tick(image_offset);
+                if let Some(progress) = progress.as_deref_mut() {
+                    progress.tick(image_offset);
+                }
             }
             Step::SectionDone(extent) => {
                 sink.section_done(extent);
@@ -658,6 +679,57 @@ fn read_stream_with(
         .join()
         .map_err(|_| anyhow!("the image parsing thread panicked"))?;
     Ok(summary)
+}
+
+/// The parser's next step. Woken at least every [`SIGNAL_CHECK_INTERVAL`],
+/// so that a signal ends a restore whose input stalls (the parser thread may
+/// sit in a read of stdin).
+fn next_step(steps: &Receiver<anyhow::Result<Step>>) -> anyhow::Result<Step> {
+    let step = loop {
+        match steps.recv_timeout(SIGNAL_CHECK_INTERVAL) {
+            Ok(step) => {
+                signals::check()?;
+                break step?;
+            }
+            Err(RecvTimeoutError::Timeout) => signals::check()?,
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the image parsing thread stopped unexpectedly")
+            }
+        }
+    };
+    signals::check()?;
+    Ok(step)
+}
+
+impl Summary {
+    /// Hands one record to `sink` (an extent is admitted; a `Z:` or `B:`
+    /// one is zeroed whole) and counts it.
+    fn count(&mut self, record: Record, sink: &mut dyn Sink) -> anyhow::Result<()> {
+        match record {
+            Record::Data(extent) => sink.admit(extent)?,
+            Record::Zero(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                self.zero_bytes = self.zero_bytes.saturating_add(extent.len_bytes);
+            }
+            Record::Bad(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                self.bad_range_count = self.bad_range_count.saturating_add(1);
+                self.bad_bytes = self.bad_bytes.saturating_add(extent.len_bytes);
+                if self.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
+                    self.bad_ranges.push(extent);
+                }
+            }
+            Record::State(state) => self.state = Some(state),
+            Record::End(trailer) => self.trailer = Some(trailer),
+        }
+        if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
+            let end = e.end_bytes().expect("the reader checked the extent");
+            self.extent_bytes = self.extent_bytes.max(end);
+        }
+        Ok(())
+    }
 }
 
 /// The parsing thread: every record and every chunk of section data, in order.
@@ -1292,7 +1364,6 @@ struct Progress {
     total_bytes: Option<u64>,
     started: Instant,
     last_shown: Instant,
-    silent: bool,
 }
 
 impl Progress {
@@ -1303,27 +1374,18 @@ impl Progress {
             total_bytes,
             started: now,
             last_shown: now,
-            silent: false,
-        }
-    }
-
-    /// Shows nothing (for callers of [`read_stream`]).
-    fn silent() -> Self {
-        Progress {
-            silent: true,
-            ..Progress::new("", None)
         }
     }
 
     fn tick(&mut self, image_bytes: u64) {
-        if !self.silent && self.last_shown.elapsed() >= PROGRESS_INTERVAL {
+        if self.last_shown.elapsed() >= PROGRESS_INTERVAL {
             self.last_shown = Instant::now();
             self.show(image_bytes);
         }
     }
 
     fn done(&mut self, image_bytes: u64) {
-        if !self.silent && self.started.elapsed() >= PROGRESS_INTERVAL {
+        if self.started.elapsed() >= PROGRESS_INTERVAL {
             self.show(image_bytes);
         }
     }
