@@ -13,8 +13,8 @@
 mod common;
 
 use common::*;
-use hot_clone::dirty::Extent;
 use hot_clone::engine::{DeviceKind, Engine, EngineConfig, ReadDone, ReadError, Stopped};
+use hot_clone::geom::ByteExtent as Extent;
 use hot_clone::source::SourceDevice;
 use std::path::Path;
 use std::process::Command;

@@ -61,7 +61,7 @@ mod worker;
 pub use salvage::{PIECE_BYTES as SALVAGE_PIECE_BYTES, RETRIES_MAX, is_range_error};
 pub use tune::DeviceKind;
 
-use crate::dirty::Extent;
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 use crate::source::SourceDevice;
 use hdrhistogram::Histogram;
 use io_uring::{IoUring, opcode};
@@ -335,7 +335,7 @@ impl Engine {
         probe_io_uring()?;
         let logical_block_bytes = device.logical_block_bytes;
         anyhow::ensure!(
-            logical_block_bytes.is_power_of_two() && logical_block_bytes >= 512,
+            logical_block_bytes.is_power_of_two() && u64::from(logical_block_bytes) >= SECTOR_BYTES,
             "{}: logical block size {logical_block_bytes} is not a power of two of at least 512",
             device.path.display()
         );
@@ -471,7 +471,7 @@ impl Engine {
     /// keeps what reads around an unreadable range instead.
     pub fn read_extents(
         &self,
-        extents: &[Extent],
+        extents: &[ByteExtent],
         deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
         progress: Option<&AtomicU64>,
         stop: &AtomicBool,
@@ -486,7 +486,7 @@ impl Engine {
     /// then counts unreadable bytes too, so that it reaches the total.
     pub fn read_extents_salvaging(
         &self,
-        extents: &[Extent],
+        extents: &[ByteExtent],
         deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
         salvage: Option<&Salvage<'_>>,
         progress: Option<&AtomicU64>,

@@ -715,9 +715,9 @@ fn pread(fd: RawFd, buf: &mut [u8], offset_bytes: u64) -> salvage::ReadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty::Extent;
     use crate::engine::plan::{Cursor, Geometry};
     use crate::engine::pool::BufferPool;
+    use crate::geom::ByteExtent;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
@@ -747,7 +747,7 @@ mod tests {
         ring.fixed_file &= fixed_file;
 
         let geometry = Geometry::new(FILE_BYTES as u64, 4096, u64::from(SLOT_BYTES));
-        let extents = [Extent {
+        let extents = [ByteExtent {
             offset_bytes: 0,
             len_bytes: FILE_BYTES as u64,
         }];
