@@ -13,7 +13,7 @@
 mod common;
 
 use common::*;
-use hot_clone::engine::{DeviceKind, Engine, EngineConfig, ReadDone, ReadError, Stopped};
+use hot_clone::engine::{Choice, DeviceKind, Engine, EngineConfig, ReadDone, ReadError, Stopped};
 use hot_clone::geom::ByteExtent as Extent;
 use hot_clone::source::SourceDevice;
 use std::path::Path;
@@ -33,10 +33,11 @@ fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
 }
 
 fn config(threads: usize, queue_depth: u32, chunk_bytes: u32) -> EngineConfig {
+    // 0 = the engine picks, as on the command line (the bench passes 0s).
     EngineConfig {
-        threads,
-        queue_depth,
-        chunk_bytes,
+        threads: Choice::zero_is_auto(threads),
+        queue_depth: Choice::zero_is_auto(queue_depth),
+        chunk_bytes: Choice::zero_is_auto(chunk_bytes),
         ..EngineConfig::default()
     }
 }
