@@ -260,6 +260,77 @@ pub struct ReadStats {
     pub elapsed: Duration,
 }
 
+/// Every way the engine itself fails: what [`Engine::new`] returns, and
+/// the error object of a failed read call when the failure was the
+/// engine's (not an error of `deliver` or `report`, which come back as
+/// they were returned), so that the top level can find it with
+/// `anyhow::Error::downcast_ref::<EngineError>()` and map it. Each variant
+/// displays as the engine's errors always have.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Unavailable(#[from] IoUringUnavailable),
+    /// The config asks for what the engine cannot do.
+    #[error(transparent)]
+    Config(GeometryError),
+    /// The device cannot be read with O_DIRECT as it reports itself.
+    #[error("{}: {error}", device.display())]
+    Device {
+        device: PathBuf,
+        error: GeometryError,
+    },
+    #[error(
+        "read buffers of {slot_count} x {slot_bytes} bytes exceed the limit of {limit_mib} MiB; \
+         use a smaller chunk, queue depth or thread count"
+    )]
+    PoolTooLarge {
+        slot_count: usize,
+        slot_bytes: usize,
+        limit_mib: u64,
+    },
+    #[error("cannot allocate {bytes} bytes of read buffers: {error}")]
+    PoolAlloc { bytes: usize, error: io::Error },
+    #[error("cannot duplicate the descriptor of {}: {error}", device.display())]
+    Duplicate { device: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    #[error(
+        "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
+         device (planned for a device of {device_bytes} bytes; did it shrink?)",
+        device.display()
+    )]
+    EndOfDevice {
+        device: PathBuf,
+        offset_bytes: u64,
+        len_bytes: u64,
+        device_bytes: u64,
+    },
+    #[error(
+        "short read of {got_bytes} bytes at byte offset {offset_bytes} of {} is not a \
+         whole number of {block_bytes}-byte blocks",
+        device.display()
+    )]
+    ShortRead {
+        device: PathBuf,
+        got_bytes: u32,
+        offset_bytes: u64,
+        block_bytes: u64,
+    },
+    /// `io_uring_enter` failed ([`crate::uring::EnterError`], with the
+    /// device); the ring is not entered again.
+    #[error("{reason}")]
+    Ring { reason: String },
+    #[error("the read engine is unusable after an earlier io_uring failure: {reason}")]
+    Unusable { reason: String },
+    #[error("cannot start read worker {worker_index}: {error}")]
+    WorkerStart {
+        worker_index: usize,
+        error: io::Error,
+    },
+}
+
 /// The stop flag was set: the call returned early, with no read in flight.
 #[derive(Debug, thiserror::Error)]
 #[error("stopped before every read was done")]
@@ -335,7 +406,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(device: &SourceDevice, config: EngineConfig) -> anyhow::Result<Engine> {
+    pub fn new(device: &SourceDevice, config: EngineConfig) -> Result<Engine, EngineError> {
         probe_io_uring()?;
         let core_ids = core_affinity::get_core_ids().filter(|ids| !ids.is_empty());
         let facts = DeviceFacts {
@@ -345,11 +416,14 @@ impl Engine {
             cpu_count: core_ids.as_ref().map(Vec::len),
             in_flight_budget_bytes: tune::in_flight_bytes_budget(),
         };
-        let geometry = tune::choose_geometry(&facts, &config).map_err(|err| {
-            if err.is_about_the_device() {
-                anyhow::anyhow!("{}: {err}", device.path.display())
+        let geometry = tune::choose_geometry(&facts, &config).map_err(|error| {
+            if error.is_about_the_device() {
+                EngineError::Device {
+                    device: device.path.clone(),
+                    error,
+                }
             } else {
-                anyhow::Error::new(err)
+                EngineError::Config(error)
             }
         })?;
         let pool = BufferPool::new(
@@ -357,12 +431,13 @@ impl Engine {
             geometry.slot_bytes as usize,
             geometry.align_bytes as usize,
         )?;
-        let file = device.file.try_clone().map_err(|err| {
-            anyhow::anyhow!(
-                "cannot duplicate the descriptor of {}: {err}",
-                device.path.display()
-            )
-        })?;
+        let file = device
+            .file
+            .try_clone()
+            .map_err(|error| EngineError::Duplicate {
+                device: device.path.clone(),
+                error,
+            })?;
         let mut notes = Vec::new();
         let workers = Self::rings(&pool, &file, geometry, config.ioprio, &mut notes)?;
         let cores: Box<[Option<core_affinity::CoreId>]> = (0..geometry.threads)
@@ -402,7 +477,7 @@ impl Engine {
         geometry: ReadGeometry,
         ioprio: u16,
         notes: &mut Vec<String>,
-    ) -> anyhow::Result<Box<[Mutex<WorkerRing>]>> {
+    ) -> Result<Box<[Mutex<WorkerRing>]>, EngineError> {
         let queue_depth = geometry.queue_depth as usize;
         let mut workers = Vec::with_capacity(geometry.threads);
         for worker_index in 0..geometry.threads {
@@ -485,7 +560,7 @@ impl Engine {
             geometry.check_extent(extent);
         }
         if stop.load(Ordering::Relaxed) {
-            return Err(Stopped.into());
+            return Err(EngineError::Stopped(Stopped).into());
         }
         let job = Job {
             device: &self.device_path,
@@ -535,10 +610,11 @@ impl Engine {
                     });
                 match spawned {
                     Ok(handle) => handles.push(handle),
-                    Err(err) => {
-                        job.fail(anyhow::anyhow!(
-                            "cannot start read worker {worker_index}: {err}"
-                        ));
+                    Err(error) => {
+                        job.fail_with(EngineError::WorkerStart {
+                            worker_index,
+                            error,
+                        });
                         break;
                     }
                 }
@@ -681,18 +757,23 @@ impl Job<'_> {
     /// Halts the job if the caller set the stop flag.
     pub fn poll_stop(&self) {
         if !self.is_halted() && self.stop.load(Ordering::Relaxed) {
-            self.fail(Stopped.into());
+            self.fail_with(EngineError::Stopped(Stopped));
         }
     }
 
     /// Fails the job for a read that found the device shorter than planned.
-    pub fn fail_at_end_of_device(&self, offset_bytes: u64, len_bytes: impl std::fmt::Display) {
-        self.fail(anyhow::anyhow!(
-            "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
-             device (planned for a device of {} bytes; did it shrink?)",
-            self.device.display(),
-            self.geometry.device_bytes
-        ));
+    pub fn fail_at_end_of_device(&self, offset_bytes: u64, len_bytes: u64) {
+        self.fail_with(EngineError::EndOfDevice {
+            device: self.device.to_path_buf(),
+            offset_bytes,
+            len_bytes,
+            device_bytes: self.geometry.device_bytes,
+        });
+    }
+
+    /// Fails the job with an error of the engine's own.
+    pub fn fail_with(&self, err: EngineError) {
+        self.fail(anyhow::Error::new(err));
     }
 
     /// Records `err` unless an error came first, and halts the job.
@@ -711,7 +792,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn io_uring_error(what: &str, err: io::Error) -> anyhow::Error {
+fn io_uring_error(what: &str, err: io::Error) -> IoUringUnavailable {
     let reason = match err.raw_os_error() {
         Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS)".to_string(),
         Some(libc::EPERM) => format!(
@@ -720,12 +801,12 @@ fn io_uring_error(what: &str, err: io::Error) -> anyhow::Error {
         ),
         _ => format!("{what}: {err}"),
     };
-    IoUringUnavailable { reason }.into()
+    IoUringUnavailable { reason }
 }
 
 /// Checks that io_uring exists, may be used, and can read (`READ`,
 /// `READ_FIXED`), and says which of these fails.
-pub fn probe_io_uring() -> anyhow::Result<()> {
+pub fn probe_io_uring() -> Result<(), IoUringUnavailable> {
     let ring: IoUring = IoUring::new(2).map_err(|err| io_uring_error("io_uring_setup", err))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
@@ -742,8 +823,7 @@ pub fn probe_io_uring() -> anyhow::Result<()> {
         if !probe.is_supported(code) {
             return Err(IoUringUnavailable {
                 reason: format!("the kernel does not support {name}"),
-            }
-            .into());
+            });
         }
     }
     Ok(())
@@ -752,6 +832,47 @@ pub fn probe_io_uring() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_errors_read_as_they_did_before_they_were_typed() {
+        let end = EngineError::EndOfDevice {
+            device: PathBuf::from("/dev/loop7"),
+            offset_bytes: 4096,
+            len_bytes: 512,
+            device_bytes: 8192,
+        };
+        assert_eq!(
+            end.to_string(),
+            "read of 512 bytes at byte offset 4096 of /dev/loop7 returned end of device \
+             (planned for a device of 8192 bytes; did it shrink?)"
+        );
+        let stopped = anyhow::Error::new(EngineError::Stopped(Stopped));
+        assert_eq!(stopped.to_string(), "stopped before every read was done");
+        assert_eq!(stopped.chain().count(), 1);
+        // Transparent: the causes printed under it are the read error's.
+        let read = anyhow::Error::new(EngineError::Read(ReadError {
+            device: PathBuf::from("/dev/loop7"),
+            offset_bytes: 0,
+            len_bytes: 512,
+            retry_count: 0,
+            source: io::Error::from_raw_os_error(libc::EIO),
+        }));
+        let causes: Vec<String> = read.chain().map(|c| c.to_string()).collect();
+        assert_eq!(causes.len(), 2, "{causes:?}");
+        assert_eq!(
+            causes[1],
+            io::Error::from_raw_os_error(libc::EIO).to_string()
+        );
+        assert!(matches!(read.downcast_ref(), Some(EngineError::Read(_))));
+        let device = EngineError::Device {
+            device: PathBuf::from("/dev/sdz"),
+            error: GeometryError::LogicalBlock(1000),
+        };
+        assert_eq!(
+            device.to_string(),
+            "/dev/sdz: logical block size 1000 is not a power of two of at least 512"
+        );
+    }
 
     #[test]
     fn io_uring_is_available_here() {

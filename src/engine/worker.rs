@@ -18,7 +18,7 @@
 
 use super::plan::Chunk;
 use super::salvage::{self, BadSpan, SalvagePlan, SalvageStop, Salvaged};
-use super::{Job, ReadDone, ReadError, Salvage, Unreadable};
+use super::{EngineError, Job, ReadDone, ReadError, Salvage, Unreadable};
 use crate::uring::{self, Entered, Kernel, Waiter};
 use hdrhistogram::Histogram;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -186,9 +186,9 @@ impl WorkerRing {
         self.latency_us.reset();
         let mut report = WorkerReport::default();
         if let Some(reason) = &self.broken {
-            job.fail(anyhow::anyhow!(
-                "the read engine is unusable after an earlier io_uring failure: {reason}"
-            ));
+            job.fail_with(EngineError::Unusable {
+                reason: reason.clone(),
+            });
             return report;
         }
         assert_eq!(self.in_flight_count, 0);
@@ -377,7 +377,7 @@ impl WorkerRing {
             self.salvage_chunk(job, report, slot_index, read, salvage);
             return;
         }
-        job.fail(anyhow::Error::new(ReadError {
+        job.fail_with(EngineError::Read(ReadError {
             device: job.device.to_path_buf(),
             offset_bytes: read.chunk.offset_bytes + u64::from(read.done_bytes),
             len_bytes: read.chunk.len_bytes - read.done_bytes,
@@ -401,7 +401,7 @@ impl WorkerRing {
         let offset_bytes = chunk.offset_bytes + u64::from(read.done_bytes);
         let len_bytes = chunk.len_bytes - read.done_bytes;
         if got_bytes == 0 {
-            job.fail_at_end_of_device(offset_bytes, len_bytes);
+            job.fail_at_end_of_device(offset_bytes, u64::from(len_bytes));
             self.free(slot_index);
             return;
         }
@@ -416,12 +416,12 @@ impl WorkerRing {
             if job.is_halted() {
                 self.free(slot_index);
             } else if !u64::from(read.done_bytes).is_multiple_of(job.geometry.block_bytes) {
-                job.fail(anyhow::anyhow!(
-                    "short read of {got_bytes} bytes at byte offset {offset_bytes} of {} is not a \
-                     whole number of {}-byte blocks",
-                    job.device.display(),
-                    job.geometry.block_bytes
-                ));
+                job.fail_with(EngineError::ShortRead {
+                    device: job.device.to_path_buf(),
+                    got_bytes,
+                    offset_bytes,
+                    block_bytes: job.geometry.block_bytes,
+                });
                 self.free(slot_index);
             } else {
                 self.submit(slot_index, read);
@@ -570,7 +570,7 @@ impl WorkerRing {
                 offset_bytes,
                 len_bytes,
                 errno,
-            }) => job.fail(anyhow::Error::new(ReadError {
+            }) => job.fail_with(EngineError::Read(ReadError {
                 device: job.device.to_path_buf(),
                 offset_bytes,
                 len_bytes: len_bytes as u32,
@@ -640,7 +640,9 @@ impl WorkerRing {
     /// The ring cannot submit: fail the job and mark the ring broken (SQEs
     /// it never took may be left in it), then drain it.
     fn give_up(&mut self, job: &Job<'_>, reason: String) {
-        job.fail(anyhow::anyhow!("{reason}"));
+        job.fail_with(EngineError::Ring {
+            reason: reason.clone(),
+        });
         self.broken = Some(reason);
         if self.in_flight_count == self.queued_count() {
             // The kernel took none of them: every buffer is ours already.
