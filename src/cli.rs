@@ -2,7 +2,7 @@
 //! original tool's single-dash spelling is rewritten into it first.
 
 use crate::demo::{self, DemoOptions};
-use crate::engine::EngineConfig;
+use crate::engine::{Choice, EngineConfig};
 use crate::exit::Exit;
 use crate::image::{self, CompletionsMissing, EventsLost, ImageOptions, Output, Verdict};
 use crate::restore::{self, ImageSource, Options};
@@ -377,9 +377,10 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     let mut options = ImageOptions::new(args.device, output);
     options.force = args.force;
     options.engine = EngineConfig {
-        threads: args.threads,
-        queue_depth: args.queue_depth,
-        chunk_bytes,
+        // The flags' documented 0 is "choose for me".
+        threads: Choice::zero_is_auto(args.threads),
+        queue_depth: Choice::zero_is_auto(args.queue_depth),
+        chunk_bytes: Choice::zero_is_auto(chunk_bytes),
         max_rate_bytes_per_second: args.max_rate,
         ioprio: args.ioprio,
         ..EngineConfig::default()

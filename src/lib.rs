@@ -16,3 +16,4 @@ pub mod signals;
 pub mod source;
 pub mod trace;
 pub mod units;
+pub mod uring;

@@ -2,9 +2,8 @@
 //! out to a regular file (sparse, atomically renamed into place) or a block
 //! device (refused while in use or too small) — or nowhere, for `verify`.
 
-use crate::format::{
-    Banner, Extent, FormatError, ImageReader, Record, RunState, SECTOR_BYTES, Trailer,
-};
+use crate::format::{Banner, FormatError, ImageReader, Record, RunState, Trailer};
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 use crate::signals;
 use crate::source::blockdev::{self, DevNum};
 use crate::units::{Bytes, Rate};
@@ -128,7 +127,7 @@ pub struct Summary {
     pub data_bytes: u64,
     pub zero_bytes: u64,
     /// Bad ranges, the first [`BAD_RANGES_LISTED_MAX`] of them.
-    pub bad_ranges: Vec<Extent>,
+    pub bad_ranges: Vec<ByteExtent>,
     pub bad_range_count: u64,
     pub bad_bytes: u64,
     /// The size the restored device or file has: the largest section end,
@@ -225,7 +224,7 @@ pub enum Warning {
         count: u64,
         bytes: u64,
         /// The first [`BAD_RANGES_LISTED_MAX`] of them.
-        listed: Vec<Extent>,
+        listed: Vec<ByteExtent>,
     },
     /// Restored with `--allow-legacy`: no END trailer, so a cut-short image
     /// cannot be told from a whole one.
@@ -257,13 +256,7 @@ impl fmt::Display for Warning {
                 let shown: Vec<String> = listed
                     .iter()
                     .take(BAD_RANGES_WARNED_MAX)
-                    .map(|e| {
-                        format!(
-                            "bytes {}..{}",
-                            e.offset_bytes(),
-                            e.offset_bytes().saturating_add(e.len_bytes)
-                        )
-                    })
+                    .map(|e| format!("bytes {}..{}", e.offset_bytes, e.end_bytes()))
                     .collect();
                 write!(
                     f,
@@ -564,7 +557,7 @@ enum Step {
         len: usize,
         image_offset: u64,
     },
-    SectionDone(Extent),
+    SectionDone(ByteExtent),
     Finished {
         image_bytes: u64,
     },
@@ -709,12 +702,12 @@ impl Summary {
             Record::Data(extent) => sink.admit(extent)?,
             Record::Zero(extent) => {
                 sink.admit(extent)?;
-                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                sink.zero(extent.offset_bytes, extent.len_bytes)?;
                 self.zero_bytes = self.zero_bytes.saturating_add(extent.len_bytes);
             }
             Record::Bad(extent) => {
                 sink.admit(extent)?;
-                sink.zero(extent.offset_bytes(), extent.len_bytes)?;
+                sink.zero(extent.offset_bytes, extent.len_bytes)?;
                 self.bad_range_count = self.bad_range_count.saturating_add(1);
                 self.bad_bytes = self.bad_bytes.saturating_add(extent.len_bytes);
                 if self.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
@@ -725,8 +718,7 @@ impl Summary {
             Record::End(trailer) => self.trailer = Some(trailer),
         }
         if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
-            let end = e.end_bytes().expect("the reader checked the extent");
-            self.extent_bytes = self.extent_bytes.max(end);
+            self.extent_bytes = self.extent_bytes.max(e.end_bytes());
         }
         Ok(())
     }
@@ -749,7 +741,7 @@ fn parse_steps(
         let Record::Data(extent) = record else {
             continue;
         };
-        let mut offset_bytes = extent.offset_bytes();
+        let mut offset_bytes = extent.offset_bytes;
         loop {
             let mut buf = match spare.take() {
                 Some(buf) => buf,
@@ -799,12 +791,12 @@ pub trait Sink {
         Ok(())
     }
     /// Refuses an extent the target cannot hold, before any of it is written.
-    fn admit(&mut self, _extent: Extent) -> anyhow::Result<()> {
+    fn admit(&mut self, _extent: ByteExtent) -> anyhow::Result<()> {
         Ok(())
     }
     fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()>;
     fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()>;
-    fn section_done(&mut self, _extent: Extent) {}
+    fn section_done(&mut self, _extent: ByteExtent) {}
 }
 
 /// `verify`: everything is read and checked, nothing is written.
@@ -1133,12 +1125,12 @@ impl Sink for DeviceSink {
         Ok(())
     }
 
-    fn admit(&mut self, extent: Extent) -> anyhow::Result<()> {
-        let end = extent.end_bytes().expect("the reader checked the extent");
+    fn admit(&mut self, extent: ByteExtent) -> anyhow::Result<()> {
+        let end = extent.end_bytes();
         if end > self.device_bytes {
             bail!(
                 "the image has a section at sector {} of {} bytes, ending at byte {end}, past the end of {} ({} bytes)",
-                extent.sector,
+                extent.sector_first(),
                 extent.len_bytes,
                 self.name,
                 self.device_bytes
@@ -1179,9 +1171,9 @@ impl Sink for DeviceSink {
         Ok(())
     }
 
-    fn section_done(&mut self, extent: Extent) {
+    fn section_done(&mut self, extent: ByteExtent) {
         self.sections_done = self.sections_done.saturating_add(1);
-        self.last_section_end_bytes = extent.end_bytes().expect("checked");
+        self.last_section_end_bytes = extent.end_bytes();
     }
 }
 

@@ -33,9 +33,8 @@ use crate::dirty::{self, DirtyMap};
 use crate::engine::{
     Engine, EngineConfig, EngineSettings, ReadDone, ReadStats, Salvage, Unreadable,
 };
-use crate::format::{
-    self, Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, SECTOR_BYTES, crc32c_of,
-};
+use crate::format::{Banner, ImageWriter, Meta, REVISION_EXTENDED, RunState, crc32c_of};
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 use crate::signals::{self, Interrupted};
 use crate::source::SourceDevice;
 use crate::source::freeze::{self, Frozen, Mount};
@@ -831,7 +830,7 @@ impl Run<'_> {
         for note in &settings.notes {
             eprintln!("Note: {note}");
         }
-        let whole = [dirty::Extent {
+        let whole = [ByteExtent {
             offset_bytes: 0,
             len_bytes: self.device.size_bytes,
         }];
@@ -929,8 +928,8 @@ impl Run<'_> {
             let Some(writer) = guard.as_mut() else {
                 bail!("the image output failed earlier");
             };
-            let written = writer.write_bad(format::Extent {
-                sector: range.start / SECTOR_BYTES,
+            let written = writer.write_bad(ByteExtent {
+                offset_bytes: range.start,
                 len_bytes: range.end - range.start,
             });
             if written.is_err() {
@@ -1089,7 +1088,7 @@ impl Run<'_> {
     /// Reads `extents` into the image.
     fn read(
         &self,
-        extents: &[dirty::Extent],
+        extents: &[ByteExtent],
         progress: Option<&AtomicU64>,
     ) -> anyhow::Result<ReadStats> {
         let deliver = |done: ReadDone<'_>| -> anyhow::Result<()> {
@@ -1161,7 +1160,7 @@ impl Run<'_> {
     }
 
     /// The main pass, with a progress line every second.
-    fn read_with_progress(&self, extents: &[dirty::Extent]) -> anyhow::Result<ReadStats> {
+    fn read_with_progress(&self, extents: &[ByteExtent]) -> anyhow::Result<ReadStats> {
         let progress = AtomicU64::new(0);
         let done = AtomicBool::new(false);
         let total: u64 = extents.iter().map(|e| e.len_bytes).sum();
@@ -1541,7 +1540,7 @@ impl World for LiveWorld<'_, '_> {
         self.run.check_events()
     }
 
-    fn look(&mut self, extents: &mut Vec<dirty::Extent>) -> anyhow::Result<Look> {
+    fn look(&mut self, extents: &mut Vec<ByteExtent>) -> anyhow::Result<Look> {
         let run = self.run;
         // Thawed early by the pump (timeout): what was held goes out.
         run.release_output()?;
@@ -1622,13 +1621,13 @@ impl World for LiveWorld<'_, '_> {
         })
     }
 
-    fn put_back(&mut self, extents: &[dirty::Extent]) {
+    fn put_back(&mut self, extents: &[ByteExtent]) {
         for extent in extents {
             self.run.mark_bytes(extent.offset_bytes, extent.len_bytes);
         }
     }
 
-    fn read(&mut self, extents: &[dirty::Extent]) -> anyhow::Result<RoundRead> {
+    fn read(&mut self, extents: &[ByteExtent]) -> anyhow::Result<RoundRead> {
         let stats = self.run.read(extents, None)?;
         self.latency
             .add(&stats.latency_us)

@@ -63,8 +63,7 @@
 
 use super::RoundStats;
 use super::pending::{Completions, PendingSummary};
-use crate::dirty::Extent;
-use crate::format::SECTOR_BYTES;
+use crate::geom::{ByteExtent as Extent, SECTOR_BYTES};
 use crate::units::Bytes;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
