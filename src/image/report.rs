@@ -1,7 +1,7 @@
 //! What a run says: the progress lines of the main pass, the summary, the
 //! last line and exit status, and `--stats-json`.
 
-use super::stats::{Latency, UnreadableStats};
+use super::stats::{Latency, RunStats, UnreadableStats};
 use super::{ImageOptions, Outcome, Verdict, output};
 use crate::exit::Exit;
 use crate::units::{Bytes, Rate};
@@ -165,24 +165,7 @@ fn summary_lines(outcome: &Outcome) -> Vec<String> {
             }
         ),
     ];
-    if let Some(seconds) = stats.freeze_seconds {
-        lines.push(format!(
-            "Summary: froze {} for {:.0} ms{}",
-            stats
-                .frozen
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            seconds * 1000.0,
-            match &stats.freeze_ended_early {
-                Some(why) => format!(
-                    ", thawed early ({why}): the image is NOT point-in-time, only crash-consistent"
-                ),
-                None => String::new(),
-            }
-        ));
-    }
+    lines.extend(freeze_line(stats));
     if stats.unreadable.range_count > 0 {
         lines.push(format!(
             "Summary: {} (B: records; restored as zeros); {} chunks re-read block by block, {} retries",
@@ -200,6 +183,27 @@ fn summary_lines(outcome: &Outcome) -> Vec<String> {
         }
     ));
     lines
+}
+
+/// `--freeze`: what was frozen, how long, and whether it ended early.
+fn freeze_line(stats: &RunStats) -> Option<String> {
+    let seconds = stats.freeze_seconds?;
+    Some(format!(
+        "Summary: froze {} for {:.0} ms{}",
+        stats
+            .frozen
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        seconds * 1000.0,
+        match &stats.freeze_ended_early {
+            Some(why) => format!(
+                ", thawed early ({why}): the image is NOT point-in-time, only crash-consistent"
+            ),
+            None => String::new(),
+        }
+    ))
 }
 
 /// How `hot-clone image` ends after a run that wrote its trailer: the last
@@ -239,7 +243,7 @@ pub fn ending(outcome: &Outcome, device: &Path) -> (String, Exit) {
 }
 
 /// `--stats-json`: the run's statistics, written atomically.
-pub(super) fn write_stats(options: &ImageOptions, stats: &super::RunStats) -> anyhow::Result<()> {
+pub(super) fn write_stats(options: &ImageOptions, stats: &RunStats) -> anyhow::Result<()> {
     if let Some(path) = &options.stats_json {
         let text = serde_json::to_string_pretty(stats).expect("stats serialize");
         output::write_atomically(
