@@ -825,3 +825,18 @@ impl Run<'_> {
         .into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dirty_map_memory_of_zero_is_no_bound() {
+        assert_eq!(DirtyMapMemory::from_flag(0), DirtyMapMemory::Unbounded);
+        assert_eq!(
+            DirtyMapMemory::from_flag(1 << 20),
+            DirtyMapMemory::AtMost(1 << 20)
+        );
+        assert_eq!(DirtyMapMemory::default(), DirtyMapMemory::Unbounded);
+    }
+}

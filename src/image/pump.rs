@@ -215,3 +215,39 @@ fn write_line(event: &WriteEvent) -> String {
         }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::{DevT, WriteKind};
+
+    fn event(phase: Phase, error: i32) -> WriteEvent {
+        WriteEvent {
+            dev: DevT::from_major_minor(7, 0).expect("fits"),
+            sector_first: 2048,
+            sector_count: 8,
+            kind: WriteKind::Write,
+            phase,
+            pid: 42,
+            timestamp_ns: 1,
+            cpu: 1,
+            error,
+        }
+    }
+
+    #[test]
+    fn print_writes_says_phase_range_kind_task_and_error() {
+        assert_eq!(
+            write_line(&event(Phase::Queue, 0)),
+            "Q 2048+8 Write pid 42 cpu 1"
+        );
+        assert_eq!(
+            write_line(&event(Phase::Issue, 0)),
+            "D 2048+8 Write pid 42 cpu 1"
+        );
+        assert_eq!(
+            write_line(&event(Phase::Complete, -5)),
+            "C 2048+8 Write pid 42 cpu 1 error -5"
+        );
+    }
+}
