@@ -192,4 +192,24 @@ mod tests {
             chain[1]
         );
     }
+
+    #[test]
+    fn the_top_level_prints_the_same_chain_through_an_image_error() {
+        let failure = || {
+            anyhow::anyhow!("EIO")
+                .context("cannot write the image")
+                .context("delivering 512 bytes")
+        };
+        let chain = |error: &anyhow::Error| -> Vec<String> {
+            error.chain().map(ToString::to_string).collect()
+        };
+        let through = anyhow::Error::from(ImageError::from(failure()));
+        assert_eq!(chain(&through), chain(&failure()));
+        assert_eq!(
+            through.downcast_ref::<ImageError>().map(ImageError::exit),
+            Some(Exit::Failure)
+        );
+        let interrupted = anyhow::Error::from(ImageError::from(Interrupted));
+        assert_eq!(chain(&interrupted), ["interrupted by a signal"]);
+    }
 }
