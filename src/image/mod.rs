@@ -108,6 +108,11 @@ pub const DIRTY_BLOCK_BYTES: u32 = 4096;
 /// flight. A disk that never pauses for this long cannot be imaged safely.
 pub const QUIESCE_WAIT_MAX: Duration = Duration::from_secs(30);
 
+/// While settling, the first pause between looks at the disk's in-flight
+/// writes, and the longest (each pause doubles).
+const SETTLE_PAUSE_FIRST: Duration = Duration::from_micros(50);
+const SETTLE_PAUSE_MAX: Duration = Duration::from_millis(5);
+
 /// With nothing dirty but writes in flight, how long looks wait for them
 /// before a round is counted.
 pub const ROUND_SETTLE_WAIT_MAX: Duration = Duration::from_secs(1);
@@ -761,7 +766,7 @@ impl Run<'_> {
     /// writes the trace saw queued.
     fn settle(&self, wait_max: Duration) -> anyhow::Result<Settled> {
         let started = Instant::now();
-        let mut pause = Duration::from_micros(50);
+        let mut pause = SETTLE_PAUSE_FIRST;
         let mut events = Vec::new();
         loop {
             signals::check().map_err(ImageError::from)?;
@@ -779,7 +784,7 @@ impl Run<'_> {
                 return Ok(Settled::Busy);
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
+            pause = (pause * 2).min(SETTLE_PAUSE_MAX);
         }
     }
 

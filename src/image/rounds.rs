@@ -302,7 +302,7 @@ fn run_rounds<W: World>(
     device_bytes: u64,
 ) -> anyhow::Result<Ending> {
     let mut extents = Vec::new();
-    let mut wait = Duration::from_micros(50);
+    let mut wait = WAIT_FIRST;
     let mut hold = HoldNotes::default();
     loop {
         world.check()?;
@@ -312,7 +312,7 @@ fn run_rounds<W: World>(
         hold.note(&look, rounds.config.hold_file.as_deref());
         let step = rounds.decide(&look);
         if step != Step::Wait {
-            wait = Duration::from_micros(50);
+            wait = WAIT_FIRST;
         }
         if step.returns_taken() {
             world.put_back(&extents);
@@ -461,6 +461,10 @@ fn end_unconverged<W: World>(
 
 /// While held frozen (a test hook), the pause between looks.
 const HOLD_FROZEN_PAUSE: Duration = Duration::from_millis(5);
+
+/// The first pause between looks while writes are in flight; each next
+/// one doubles, up to [`WAIT_MAX`].
+const WAIT_FIRST: Duration = Duration::from_micros(50);
 
 /// The longest pause between looks while writes are in flight.
 const WAIT_MAX: Duration = Duration::from_millis(5);
