@@ -259,7 +259,8 @@ pub struct Outcome {
 /// wrote a trailer; every other ending is an [`ImageError`], after which
 /// the image has no trailer and tracing is torn down.
 pub fn run(options: &ImageOptions) -> Result<Outcome, ImageError> {
-    let (run, placement) = start(options)?;
+    // Dropped in reverse: the run (tracing off) before the placement.
+    let (placement, run) = start(options)?;
     let result = run.image();
     let writer = lock(&run.writer).take();
     match result {
@@ -287,7 +288,7 @@ pub fn run(options: &ImageOptions) -> Result<Outcome, ImageError> {
 
 /// The run's start: root, the source device, what to freeze, the output,
 /// tracing on, the engine, the dirty map and the image's banner.
-fn start(options: &ImageOptions) -> anyhow::Result<(Run<'_>, Placement)> {
+fn start(options: &ImageOptions) -> anyhow::Result<(Placement, Run<'_>)> {
     require_root()?;
     let device = SourceDevice::open(&options.device)?;
     if !options.force {
@@ -317,8 +318,8 @@ fn start(options: &ImageOptions) -> anyhow::Result<(Run<'_>, Placement)> {
     };
     let writer = open_image(&device, &options.output, output)?;
     Ok((
-        Run::new(options, device, engine, dirty, source, writer, mounts),
         placement,
+        Run::new(options, device, engine, dirty, source, writer, mounts),
     ))
 }
 
