@@ -285,15 +285,16 @@ impl Usage {
             libc::getrusage(libc::RUSAGE_SELF, &mut usage);
             usage
         };
-        Usage::of(&usage)
+        Usage::of(usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
     }
 
-    fn of(usage: &libc::rusage) -> Usage {
+    /// From getrusage's user and system time and peak RSS.
+    fn of(user: libc::timeval, system: libc::timeval, max_rss_kib: libc::c_long) -> Usage {
         let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         Usage {
-            cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+            cpu_seconds: seconds(user) + seconds(system),
             // Linux reports ru_maxrss in KiB.
-            max_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+            max_rss_bytes: u64::try_from(max_rss_kib).unwrap_or(0) * 1024,
         }
     }
 }
@@ -380,14 +381,9 @@ mod tests {
 
     #[test]
     fn usage_adds_user_and_system_time_and_counts_rss_in_kib() {
-        // SAFETY: a zeroed rusage is a valid value of the plain C struct.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        usage.ru_utime.tv_sec = 1;
-        usage.ru_utime.tv_usec = 500_000;
-        usage.ru_stime.tv_sec = 2;
-        usage.ru_maxrss = 3;
+        let time = |tv_sec, tv_usec| libc::timeval { tv_sec, tv_usec };
         assert_eq!(
-            Usage::of(&usage),
+            Usage::of(time(1, 500_000), time(2, 0), 3),
             Usage {
                 cpu_seconds: 3.5,
                 max_rss_bytes: 3072
