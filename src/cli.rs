@@ -4,7 +4,7 @@
 use crate::demo::{self, DemoOptions};
 use crate::engine::{Choice, EngineConfig};
 use crate::exit::Exit;
-use crate::image::{self, CompletionsMissing, EventsLost, ImageOptions, Output, Verdict};
+use crate::image::{self, DirtyMapMemory, ImageError, ImageOptions, Output};
 use crate::restore::{self, ImageSource, Options};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{SourceConfig, SourceKind};
@@ -300,12 +300,11 @@ pub fn main() -> ExitCode {
             for cause in chain {
                 eprintln!("  because: {cause}");
             }
-            if error.chain().any(|c| c.is::<Interrupted>()) {
+            if let Some(image_error) = error.downcast_ref::<ImageError>() {
+                image_error.exit().into()
+            } else if error.chain().any(|c| c.is::<Interrupted>()) {
+                // A signal in another command (restore, verify, demo).
                 Exit::Interrupted.into()
-            } else if error.chain().any(|c| c.is::<EventsLost>()) {
-                Exit::EventsLost.into()
-            } else if error.chain().any(|c| c.is::<CompletionsMissing>()) {
-                Exit::CompletionsMissing.into()
             } else {
                 Exit::Failure.into()
             }
@@ -396,7 +395,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.verbose = args.verbose;
     options.freeze = args.freeze;
     options.adaptive = args.adaptive;
-    options.dirty_map_memory_max = (args.dirty_map_memory > 0).then_some(args.dirty_map_memory);
+    options.dirty_map_memory = DirtyMapMemory::from_flag(args.dirty_map_memory);
     options.hold_frozen_file = args.hold_frozen_file;
     if args.freeze_memory < FREEZE_MEMORY_MIN {
         anyhow::bail!(
@@ -411,37 +410,9 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.max_bad_bytes = args.max_bad_bytes;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
-    let unreadable_bytes = outcome.stats.unreadable.bytes;
-    Ok(match outcome.verdict {
-        Verdict::Converged if unreadable_bytes == 0 => {
-            match &outcome.stats.freeze_ended_early {
-                Some(why) => eprintln!(
-                    "Done, but NOT point-in-time: {why}, so the freeze ended early; the image is crash-consistent, as without --freeze"
-                ),
-                None => eprintln!("Done"),
-            }
-            Exit::Success
-        }
-        Verdict::Converged => {
-            eprintln!(
-                "Done, but {unreadable_bytes} bytes of {} could not be read: the image records them as bad ranges and holds nothing for them (see above)",
-                options.device.display()
-            );
-            Exit::Unreadable
-        }
-        // Exit 3 wins over 6: an unconverged image is not a consistent copy.
-        Verdict::Unconverged { .. } => {
-            eprintln!(
-                "Done, but NOT converged (see the warning above){}",
-                if unreadable_bytes > 0 {
-                    format!(", and {unreadable_bytes} bytes could not be read")
-                } else {
-                    String::new()
-                }
-            );
-            Exit::Incomplete
-        }
-    })
+    let (last_line, exit) = image::ending(&outcome, &options.device);
+    eprintln!("{last_line}");
+    Ok(exit)
 }
 
 /// The smallest `--freeze-memory`: a few sections of a frozen round.
