@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use hot_clone::geom::SECTOR_BYTES as SECTOR;
 use hot_clone::trace::live::{
     self, EventSource, INSTANCE_PREFIX, InstanceName, LiveError, SourceConfig, SourceKind,
     TRACEFS_ROOT, TraceTarget, cleanup_stale_instances, open_source, open_tracefs,
@@ -21,8 +22,6 @@ use hot_clone::trace::{DevT, Phase, WriteEvent, WriteKind};
 #[path = "common/stale.rs"]
 mod stale;
 use stale::{dead_pid, held_stale_instance};
-
-const SECTOR: u64 = 512;
 
 fn require_root() {
     // SAFETY: geteuid cannot fail.
