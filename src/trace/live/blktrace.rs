@@ -18,7 +18,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,20 +59,23 @@ const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, start_lba) == 48);
 const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, end_lba) == 56);
 const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, pid) == 64);
 
-/// `_IOWR(0x12, 115, struct blk_user_trace_setup)`.
-const BLKTRACESETUP: libc::c_ulong = 0xc048_1273;
-/// `_IO(0x12, 116)`, `_IO(0x12, 117)`, `_IO(0x12, 118)`.
-const BLKTRACESTART: libc::c_ulong = 0x1274;
-const BLKTRACESTOP: libc::c_ulong = 0x1275;
-const BLKTRACETEARDOWN: libc::c_ulong = 0x1276;
+// `_IOWR(0x12, 115, struct blk_user_trace_setup)`; `_IO(0x12, 116)`,
+// `_IO(0x12, 117)`, `_IO(0x12, 118)`.
+nix::ioctl_readwrite!(blktrace_setup, 0x12, 115, BlkUserTraceSetup);
+nix::ioctl_none!(blktrace_start, 0x12, 116);
+nix::ioctl_none!(blktrace_stop, 0x12, 117);
+nix::ioctl_none!(blktrace_teardown, 0x12, 118);
+/// The requests a second signal's handler issues (`crate::signals`).
+const BLKTRACESTOP: libc::c_ulong = nix::request_code_none!(0x12, 117) as libc::c_ulong;
+const BLKTRACETEARDOWN: libc::c_ulong = nix::request_code_none!(0x12, 118) as libc::c_ulong;
 
-const _: () = assert!(
-    BLKTRACESETUP
-        == (3 << 30)
-            | ((std::mem::size_of::<BlkUserTraceSetup>() as libc::c_ulong) << 16)
-            | (0x12 << 8)
-            | 115
-);
+/// The argument-less blktrace ioctls.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    Start,
+    Stop,
+    Teardown,
+}
 
 /// Relay sub-buffer size, the original's `-blktrace.bufsize` default.
 const SUBBUF_BYTES: u64 = 65_536;
@@ -95,12 +97,16 @@ struct Session {
 }
 
 impl Session {
-    fn ioctl(&self, request: libc::c_ulong) -> io::Result<()> {
-        // SAFETY: these ioctls take no argument.
-        let rc = unsafe { libc::ioctl(self.disk.as_raw_fd(), request as _, 0) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    fn control(&self, control: Control) -> io::Result<()> {
+        let fd = self.disk.as_raw_fd();
+        // SAFETY: these ioctls take no argument and touch no user memory.
+        unsafe {
+            match control {
+                Control::Start => blktrace_start(fd),
+                Control::Stop => blktrace_stop(fd),
+                Control::Teardown => blktrace_teardown(fd),
+            }
+        }?;
         Ok(())
     }
 }
@@ -108,9 +114,9 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         if self.started {
-            let _ = self.ioctl(BLKTRACESTOP);
+            let _ = self.control(Control::Stop);
         }
-        if let Err(error) = self.ioctl(BLKTRACETEARDOWN) {
+        if let Err(error) = self.control(Control::Teardown) {
             eprintln!("hot-clone: warning: BLKTRACETEARDOWN failed: {error}");
         }
     }
@@ -183,18 +189,10 @@ fn open_disk(target: &TraceTarget, name: &str) -> Result<File, LiveError> {
     ));
     fs::create_dir(&dir).map_err(|error| io_error("cannot create", &dir, error))?;
     let node = dir.join(name);
-    let c_node = std::ffi::CString::new(node.as_os_str().as_bytes())
-        .map_err(|_| LiveError::InvalidTarget(format!("device name {name:?}")))?;
-    // SAFETY: a NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::mknod(c_node.as_ptr(), libc::S_IFBLK | 0o600, rdev) };
-    let result = if rc != 0 {
-        Err(io_error(
-            "cannot create device node",
-            &node,
-            io::Error::last_os_error(),
-        ))
-    } else {
-        File::open(&node).map_err(|error| io_error("cannot open", &node, error))
+    use nix::sys::stat::{Mode, SFlag, mknod};
+    let result = match mknod(&node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), rdev) {
+        Err(errno) => Err(io_error("cannot create device node", &node, errno.into())),
+        Ok(()) => File::open(&node).map_err(|error| io_error("cannot open", &node, error)),
     };
     let _ = fs::remove_file(&node);
     let _ = fs::remove_dir(&dir);
@@ -289,17 +287,16 @@ pub fn open_blktrace(
     };
     // SAFETY: BLKTRACESETUP reads and writes one blk_user_trace_setup through
     // the pointer, which points at a live local for the call.
-    let rc = unsafe { libc::ioctl(disk.as_raw_fd(), BLKTRACESETUP as _, &mut setup) };
-    if rc < 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EBUSY) {
-            return Err(LiveError::BlktraceBusy { disk: name });
+    match unsafe { blktrace_setup(disk.as_raw_fd(), &mut setup) } {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EBUSY) => return Err(LiveError::BlktraceBusy { disk: name }),
+        Err(errno) => {
+            return Err(io_error(
+                "BLKTRACESETUP failed on",
+                Path::new(&format!("/dev/{name}")),
+                errno.into(),
+            ));
         }
-        return Err(io_error(
-            "BLKTRACESETUP failed on",
-            Path::new(&format!("/dev/{name}")),
-            error,
-        ));
     }
     // From here on, dropping `session` tears the trace down.
     let mut session = Session {
@@ -345,7 +342,7 @@ pub fn open_blktrace(
     let reader = PipeReader::new(files, READ_BYTES, 1, RECORD_BYTES_MAX, ReadMethod::IoUring);
     let slots = cpus.len();
 
-    session.ioctl(BLKTRACESTART).map_err(|error| {
+    session.control(Control::Start).map_err(|error| {
         io_error(
             "BLKTRACESTART failed on",
             Path::new(&format!("/dev/{name}")),
@@ -617,8 +614,13 @@ mod tests {
 
     #[test]
     fn ioctl_numbers() {
-        assert_eq!(BLKTRACESETUP, 0xc048_1273);
-        assert_eq!(BLKTRACESTART, 0x1274);
+        // The numbers <linux/fs.h> gives, against what nix computes.
+        let setup_bytes = std::mem::size_of::<BlkUserTraceSetup>();
+        assert_eq!(
+            nix::request_code_readwrite!(0x12, 115, setup_bytes),
+            0xc048_1273
+        );
+        assert_eq!(nix::request_code_none!(0x12, 116), 0x1274);
         assert_eq!(BLKTRACESTOP, 0x1275);
         assert_eq!(BLKTRACETEARDOWN, 0x1276);
     }
