@@ -289,7 +289,7 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         for error in self.thaw_all() {
-            eprintln!("hot-clone: ERROR: {error}");
+            tracing::error!("hot-clone: ERROR: {error}");
         }
     }
 }

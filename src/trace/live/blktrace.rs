@@ -117,7 +117,7 @@ impl Drop for Session {
             let _ = self.control(Control::Stop);
         }
         if let Err(error) = self.control(Control::Teardown) {
-            eprintln!("hot-clone: warning: BLKTRACETEARDOWN failed: {error}");
+            tracing::warn!("hot-clone: warning: BLKTRACETEARDOWN failed: {error}");
         }
     }
 }

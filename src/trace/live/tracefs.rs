@@ -213,7 +213,7 @@ impl Drop for Instance {
         // block I/O.
         if let Err(error) = remove_instance(&self.path) {
             let _ = write_text(&self.path.join("tracing_on"), "0");
-            eprintln!(
+            tracing::warn!(
                 "hot-clone: warning: {error}; tracing in it was switched off, and the next run removes it once nothing holds it open"
             );
         }
