@@ -181,6 +181,14 @@ struct FrozenMount {
     path: PathBuf,
 }
 
+/// What went wrong undoing a freeze, one message each (a filesystem left
+/// frozen says how to thaw it by hand; the guardian; stderr's hold).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", errors.join("; "))]
+pub struct ThawError {
+    pub errors: Vec<String>,
+}
+
 /// Frozen filesystems; thawed when dropped (or by [`Frozen::thaw`]).
 pub struct Frozen {
     frozen: Vec<FrozenMount>,
@@ -250,13 +258,15 @@ impl Frozen {
 
     /// Thaws everything, tells the guardian, prints what stderr held, and
     /// returns how long it was frozen.
+    /// An error is a [`ThawError`] (anyhow until the imaging run's errors
+    /// are typed).
     pub fn thaw(mut self) -> anyhow::Result<Duration> {
         let held = self.since.elapsed();
         let errors = self.thaw_all();
         if errors.is_empty() {
             Ok(held)
         } else {
-            bail!("{}", errors.join("; "))
+            Err(ThawError { errors }.into())
         }
     }
 
@@ -572,6 +582,18 @@ garbage
         assert_eq!(mounts[1].mountpoint, PathBuf::from("/mnt/a b"));
         assert_eq!(mounts[1].dev, DevNum { major: 7, minor: 3 });
         assert_eq!(mounts[1].fs_type, "ext4");
+    }
+
+    #[test]
+    fn thaw_errors_join_in_one_message() {
+        let error = anyhow::Error::from(ThawError {
+            errors: vec![
+                "cannot thaw /mnt/a: EIO".to_string(),
+                "guardian".to_string(),
+            ],
+        });
+        assert_eq!(error.to_string(), "cannot thaw /mnt/a: EIO; guardian");
+        assert!(error.downcast_ref::<ThawError>().is_some());
     }
 
     #[test]
