@@ -239,6 +239,7 @@ impl Frozen {
             });
         }
         frozen.since = Instant::now();
+        tracing::debug!("freeze: froze {}", frozen.describe());
         Ok(frozen)
     }
 

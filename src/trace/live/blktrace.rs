@@ -213,6 +213,7 @@ impl Debugfs {
         if root.join("block").is_dir() {
             return Ok(Debugfs::System(root));
         }
+        tracing::debug!("blktrace: debugfs is not mounted; mounting it privately");
         sys::PrivateMount::new("debugfs")
             .map(Debugfs::Private)
             .map_err(|error| LiveError::DebugfsMissing { error })
@@ -290,6 +291,10 @@ pub fn open_blktrace(
     })?;
     session.started = true;
     let watched = watch_session(&name)?;
+    tracing::debug!(
+        "blktrace: /dev/{name} as {}, {subbuf_count} x {SUBBUF_BYTES} bytes of relay per CPU on {slots} CPUs",
+        display_dir.display()
+    );
 
     Ok(BlktraceSource {
         reader,

@@ -479,6 +479,10 @@ pub fn open_tracefs(
     // Tracing starts here: every write submitted after this returns is seen.
     write_text(&dir.join("tracing_on"), "1")?;
     let watched = watch_instance(&dir)?;
+    tracing::debug!(
+        "tracefs: instance {}, {buffer_kb_per_cpu} KiB per CPU on {slots} CPUs, {page_bytes}-byte pages",
+        dir.display()
+    );
 
     Ok(TracefsSource {
         reader,
