@@ -86,6 +86,18 @@ pub enum Command {
     FreezeGuardian(GuardianArgs),
 }
 
+impl Command {
+    /// `-v`: diagnostics at `info` ([`crate::logging`]).
+    fn verbose(&self) -> bool {
+        match self {
+            Command::Image(args) => args.verbose,
+            Command::Demo(args) => args.verbose,
+            Command::Reassemble(args) => args.verbose,
+            Command::Verify(_) | Command::FreezeGuardian(_) => false,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct GuardianArgs {
     /// The imager's pid.
@@ -290,6 +302,7 @@ pub fn main() -> ExitCode {
     if let Command::FreezeGuardian(args) = &cli.command {
         return crate::source::freeze::guardian_main(args.parent, &args.items);
     }
+    crate::logging::init(cli.command.verbose());
     match run(cli) {
         Ok(exit) => exit.into(),
         Err(error) => {
@@ -329,9 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
                 allow_legacy: args.allow_legacy,
             };
             let outcome = restore::reassemble(&source, &args.output, options)?;
-            if args.verbose {
-                eprint!("{}", outcome.summary.describe());
-            }
+            tracing::info!("{}", outcome.summary.describe().trim_end_matches('\n'));
             eprintln!(
                 "Restored {} sections ({} bytes of data) to {}",
                 outcome.summary.sections,

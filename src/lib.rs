@@ -11,6 +11,7 @@ pub mod exit;
 pub mod format;
 pub mod geom;
 pub mod image;
+pub mod logging;
 pub mod restore;
 pub mod signals;
 pub mod source;

@@ -8,7 +8,6 @@ use crate::signals;
 use crate::source::blockdev::{self, DevNum};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
-use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
@@ -93,8 +92,13 @@ impl ImageSource {
                 let file = File::open(path)
                     .with_context(|| format!("cannot open image {}", path.display()))?;
                 let len = file.metadata().ok().map(|m| m.len());
-                // SAFETY: posix_fadvise only takes a hint about an open fd.
-                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+                // Only a hint: a failure changes nothing.
+                let _ = nix::fcntl::posix_fadvise(
+                    &file,
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+                );
                 let input: Box<dyn Read + Send> = Box::new(file);
                 Ok((
                     Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, input)),
@@ -894,23 +898,20 @@ impl Sink for FileSink {
         }
         let len = written_end - offset_bytes;
         if self.punch_hole_works {
-            // SAFETY: fallocate on an fd we own; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset_bytes as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(anyhow!(err).context(format!(
-                    "punching a hole of {len} bytes at byte {offset_bytes}"
-                )));
+            use nix::fcntl::{FallocateFlags, fallocate};
+            match fallocate(
+                &self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset_bytes as libc::off_t,
+                len as libc::off_t,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EOPNOTSUPP) => {}
+                Err(errno) => {
+                    return Err(anyhow!(io::Error::from(errno)).context(format!(
+                        "punching a hole of {len} bytes at byte {offset_bytes}"
+                    )));
+                }
             }
             self.punch_hole_works = false;
         }
@@ -1275,35 +1276,28 @@ impl TempFile {
     /// /proc/self/fd, which needs no privilege; AT_EMPTY_PATH where /proc
     /// is missing, which needs CAP_DAC_READ_SEARCH).
     fn link(&mut self) -> anyhow::Result<()> {
-        let target = CString::new(self.named_path.as_os_str().as_bytes())
-            .map_err(|_| anyhow!("{}: a NUL byte in the path", self.named_path.display()))?;
-        let fd = self.file.as_raw_fd();
-        let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-        // SAFETY: linkat reads two NUL-terminated strings that live across
-        // the call; the fd is ours and open.
-        let mut rc = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                libc::AT_FDCWD,
-                target.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-            // SAFETY: as above; the empty path names the fd itself.
-            rc = unsafe {
-                libc::linkat(
-                    fd,
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    target.as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                )
-            };
+        use nix::fcntl::{AT_FDCWD, AtFlags};
+        use nix::unistd::linkat;
+        let target = self.named_path.as_path();
+        if target.as_os_str().as_bytes().contains(&0) {
+            bail!("{}: a NUL byte in the path", target.display());
         }
-        if rc != 0 {
-            return Err(anyhow!(io::Error::last_os_error()).context(format!(
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let linked = match linkat(
+            AT_FDCWD,
+            proc_path.as_str(),
+            AT_FDCWD,
+            target,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        ) {
+            // No /proc: the empty path names the fd itself.
+            Err(nix::errno::Errno::ENOENT) => {
+                linkat(&self.file, "", AT_FDCWD, target, AtFlags::AT_EMPTY_PATH)
+            }
+            other => other,
+        };
+        if let Err(errno) = linked {
+            return Err(anyhow!(io::Error::from(errno)).context(format!(
                 "cannot give {} the name {}",
                 self.describe(),
                 self.named_path.display()
