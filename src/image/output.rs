@@ -411,6 +411,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8], flag: &str, force: bool) -> a
                 "cannot write {flag} to {}: it is a directory",
                 path.display()
             ),
+            // Never written in place, not even with --force: it may be the
+            // source (`--stats-json /dev/sdb1` while imaging /dev/sdb1), and
+            // a statistics file has no business on any block device.
+            Some(libc::S_IFBLK) => bail!(
+                "refusing to write {flag} to {}: it is a block device; give a file name",
+                path.display()
+            ),
             // /dev/stdout's target, a FIFO: written in place.
             Some(_) => {
                 let mut file = open_at(
