@@ -41,7 +41,8 @@
 //! write was re-read, and refuses an exit-0 image unless `--freeze` stops
 //! the writes.
 
-use std::collections::BTreeMap;
+use smallvec::{SmallVec, smallvec};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// A write still pending after this long means the device does not report
@@ -109,7 +110,7 @@ struct Piece {
     sector_end: u64,
     /// Queue-event times of the writes queued over this range and not
     /// complete, ascending; never empty.
-    queued_ns: Vec<u64>,
+    queued_ns: SmallVec<[u64; 2]>,
     /// When the range became pending or last saw a completion: a range
     /// that keeps being rewritten keeps completing, a write that never
     /// completes does not.
@@ -140,11 +141,16 @@ struct Early {
 /// same whichever write is chosen. A completion with no write queued
 /// before it is kept as *early* for a while: its queue event may still be
 /// on another CPU's buffer (a drain reads one CPU after the other).
+///
+/// Times from different CPUs compare because both sources stamp events
+/// with one clock for every CPU: the tracefs instance is set to `mono`
+/// (`trace_clock` in trace/live/tracefs.rs), and blktrace's relay records
+/// take `ktime_get()` (`relay_blktrace_event` in kernel/trace/blktrace.c).
 #[derive(Debug)]
 pub struct PendingWrites {
     /// Keyed by first sector.
     pieces: BTreeMap<u64, Piece>,
-    early: Vec<Early>,
+    early: VecDeque<Early>,
     ranges_max: usize,
     overflowed: bool,
     /// Sticky once decided.
@@ -155,7 +161,9 @@ pub struct PendingWrites {
     /// Sectors of completion events with nothing queued there when drained.
     unmatched_sectors: u64,
     /// Scratch of `queued` and `completed`, kept so that the pump's drains
-    /// do not allocate per event once these have grown.
+    /// do not allocate per event once these have grown (a range's queue
+    /// times are inline up to two). Matching a write against early
+    /// completions still allocates, only while some are held.
     scratch_ranges: Vec<(u64, u64)>,
     scratch_starts: Vec<u64>,
 }
@@ -171,7 +179,7 @@ impl PendingWrites {
         assert!(ranges_max > 0, "the tracker needs room for one range");
         PendingWrites {
             pieces: BTreeMap::new(),
-            early: Vec::new(),
+            early: VecDeque::new(),
             ranges_max,
             overflowed: false,
             missing: None,
@@ -272,9 +280,9 @@ impl PendingWrites {
         for &(first, end) in &unended {
             self.unmatched_sectors += end - first;
             if self.early.len() >= EARLY_COMPLETIONS_MAX {
-                self.early.remove(0);
+                self.early.pop_front();
             }
-            self.early.push(Early {
+            self.early.push_back(Early {
                 sector_first: first,
                 sector_end: end,
                 timestamp_ns,
@@ -375,7 +383,7 @@ impl PendingWrites {
                 start,
                 Piece {
                     sector_end,
-                    queued_ns: vec![timestamp_ns],
+                    queued_ns: smallvec![timestamp_ns],
                     progress: now,
                 },
             );
@@ -390,12 +398,12 @@ impl PendingWrites {
     /// after the write's queue event (the closest partner; later ones are
     /// left for later writes).
     fn take_early(&mut self, first: u64, end: u64, timestamp_ns: u64) -> Vec<(u64, u64)> {
-        self.early.sort_by_key(|e| e.timestamp_ns);
+        self.early.make_contiguous().sort_by_key(|e| e.timestamp_ns);
         let mut open: Vec<(u64, u64)> = vec![(first, end)];
-        let mut kept: Vec<Early> = Vec::with_capacity(self.early.len());
+        let mut kept: VecDeque<Early> = VecDeque::with_capacity(self.early.len());
         for early in std::mem::take(&mut self.early) {
             if early.timestamp_ns <= timestamp_ns || open.is_empty() {
-                kept.push(early);
+                kept.push_back(early);
                 continue;
             }
             // The parts of `early` that meet an open part of the write are
@@ -431,7 +439,7 @@ impl PendingWrites {
             }
             open = still_open;
             for (sector_first, sector_end) in early_left {
-                kept.push(Early {
+                kept.push_back(Early {
                     sector_first,
                     sector_end,
                     ..early
