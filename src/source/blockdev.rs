@@ -142,14 +142,13 @@ pub fn partitions_of(disk: DevNum) -> Vec<DevNum> {
 pub fn uses_of(devs: &[DevNum]) -> Vec<String> {
     let mut uses = Vec::new();
     if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
-        for line in mountinfo.lines() {
-            // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"
-            let fields: Vec<&str> = line.split(' ').collect();
-            if let (Some(dev), Some(mountpoint)) = (fields.get(2), fields.get(4))
-                && let Some(dev) = DevNum::parse(dev)
-                && devs.contains(&dev)
-            {
-                uses.push(format!("{dev} is mounted on {mountpoint}"));
+        for line in super::topology::parse_mountinfo(&mountinfo) {
+            if devs.contains(&line.dev) {
+                uses.push(format!(
+                    "{} is mounted on {}",
+                    line.dev,
+                    line.mount_point.display()
+                ));
             }
         }
     }

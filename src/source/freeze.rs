@@ -67,6 +67,7 @@
 
 use crate::signals::Emergency;
 use crate::source::blockdev::DevNum;
+use crate::source::topology;
 use anyhow::{Context, bail};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
@@ -117,7 +118,7 @@ pub fn mounts_of(devs: &[DevNum]) -> anyhow::Result<Vec<Mount>> {
     let text =
         fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     let mut mounts: Vec<Mount> = Vec::new();
-    for mount in parse_mountinfo(&text) {
+    for mount in mounts_in(&text) {
         if devs.contains(&mount.dev) && !mounts.iter().any(|m| m.dev == mount.dev) {
             mounts.push(mount);
         }
@@ -125,46 +126,16 @@ pub fn mounts_of(devs: &[DevNum]) -> anyhow::Result<Vec<Mount>> {
     Ok(mounts)
 }
 
-/// Parses mountinfo lines: "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw".
-pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dev = DevNum::parse(fields.get(2)?)?;
-            let mountpoint = PathBuf::from(unescape(fields.get(4)?));
-            let separator = fields.iter().position(|f| *f == "-")?;
-            let fs_type = fields.get(separator + 1)?.to_string();
-            Some(Mount {
-                dev,
-                mountpoint,
-                fs_type,
-            })
+/// Every mount in mountinfo `text`, as [`topology::parse_mountinfo`] reads it.
+fn mounts_in(text: &str) -> Vec<Mount> {
+    topology::parse_mountinfo(text)
+        .into_iter()
+        .map(|line| Mount {
+            dev: line.dev,
+            mountpoint: line.mount_point,
+            fs_type: line.fs_type,
         })
         .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value =
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How long the imager waits for the guardian to say it is ready.
@@ -578,7 +549,7 @@ mod tests {
 37 35 7:3 /sub /mnt/bind rw - ext4 /dev/loop3 rw
 garbage
 ";
-        let mounts = parse_mountinfo(text);
+        let mounts = mounts_in(text);
         assert_eq!(mounts.len(), 3);
         assert_eq!(mounts[1].mountpoint, PathBuf::from("/mnt/a b"));
         assert_eq!(mounts[1].dev, DevNum { major: 7, minor: 3 });
@@ -595,12 +566,5 @@ garbage
         });
         assert_eq!(error.to_string(), "cannot thaw /mnt/a: EIO; guardian");
         assert!(error.downcast_ref::<ThawError>().is_some());
-    }
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
-        assert_eq!(unescape("plain"), "plain");
-        assert_eq!(unescape("end\\04"), "end\\04");
     }
 }

@@ -950,5 +950,8 @@ mod tests {
         assert!(lines[1].super_options.contains("upperdir=/u\\040x"));
         assert_eq!(unescape("/u\\040x"), "/u x");
         assert_eq!(unescape("a\\\\b\\9"), "a\\\\b\\9");
+        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
+        assert_eq!(unescape("plain"), "plain");
+        assert_eq!(unescape("end\\04"), "end\\04");
     }
 }
