@@ -452,9 +452,7 @@ impl Target {
     fn open(output: &Path) -> anyhow::Result<Target> {
         let name = output.display();
         let dev = DevNum::of_path(output)?.expect("checked to be a block device");
-        let mut devs = vec![dev];
-        devs.extend(blockdev::partitions_of(dev));
-        let uses = blockdev::uses_of(&devs);
+        let uses = blockdev::uses_with_partitions(dev);
         if !uses.is_empty() {
             bail!(
                 "{name} is in use, refusing to restore onto it: {}",

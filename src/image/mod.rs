@@ -416,8 +416,7 @@ fn ignore_unsyncable(error: io::Error) -> io::Result<()> {
 /// disk, its partitions). The image must not go onto one of them: writing it
 /// would block on the freeze.
 fn mounts_to_freeze(device: &SourceDevice, output: &Output) -> anyhow::Result<Vec<Mount>> {
-    let mut devs = vec![device.dev];
-    devs.extend(crate::source::blockdev::partitions_of(device.dev));
+    let devs = crate::source::blockdev::with_partitions(device.dev);
     let mounts = freeze::mounts_of(&devs)?;
     if mounts.is_empty() {
         bail!(

@@ -359,9 +359,7 @@ impl Guard {
         if self.force {
             return Ok(());
         }
-        let mut devs = vec![dev];
-        devs.extend(blockdev::partitions_of(dev));
-        let uses = blockdev::uses_of(&devs);
+        let uses = blockdev::uses_with_partitions(dev);
         if !uses.is_empty() {
             bail!(
                 "refusing to write the image to {name}: it is in use ({}), and writing onto it would corrupt what uses it; unmount it (or swapoff, or stop the holder) first, or use --force to do it anyway",
@@ -373,9 +371,7 @@ impl Guard {
 
     /// The error for a block device the kernel would not open exclusively.
     fn busy(&self, name: &str, dev: DevNum, error: io::Error) -> anyhow::Error {
-        let mut devs = vec![dev];
-        devs.extend(blockdev::partitions_of(dev));
-        let uses = blockdev::uses_of(&devs);
+        let uses = blockdev::uses_with_partitions(dev);
         let why = if uses.is_empty() {
             "another program has it open exclusively".to_string()
         } else {

@@ -138,6 +138,19 @@ pub fn partitions_of(disk: DevNum) -> Vec<DevNum> {
         .collect()
 }
 
+/// `dev` and, for a whole disk, its partitions.
+pub fn with_partitions(dev: DevNum) -> Vec<DevNum> {
+    let mut devs = vec![dev];
+    devs.extend(partitions_of(dev));
+    devs
+}
+
+/// Why `dev` must not be written: each use of it or of one of its
+/// partitions, in words.
+pub fn uses_with_partitions(dev: DevNum) -> Vec<String> {
+    uses_of(&with_partitions(dev))
+}
+
 /// Why a device must not be written: each use found, in words.
 pub fn uses_of(devs: &[DevNum]) -> Vec<String> {
     let mut uses = Vec::new();
