@@ -59,7 +59,7 @@ mod salvage;
 mod tune;
 mod worker;
 
-pub use salvage::{PIECE_BYTES as SALVAGE_PIECE_BYTES, RETRIES_MAX, is_range_error};
+pub use salvage::{RETRIES_MAX, is_range_error};
 pub use tune::{Choice, DeviceKind, GeometryError};
 
 use crate::geom::ByteExtent;

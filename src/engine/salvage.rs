@@ -44,6 +44,7 @@
 //! of it). Retries ([`SalvagePlan::retries`]) are spent on single blocks
 //! only: retrying a large read that already failed buys nothing.
 
+use super::worker::READ_RETRIES_MAX;
 use crate::geom::SECTOR_BYTES;
 
 /// Pieces a failed chunk is re-read in before going block by block.
@@ -214,7 +215,7 @@ fn read_full(
     let mut done = 0usize;
     let mut eintr_count = 0u32;
     // Bounded: every successful turn reads at least one byte; EINTR and
-    // EAGAIN at most INTERRUPTIONS_MAX times in a row.
+    // EAGAIN at most READ_RETRIES_MAX times in a row.
     while done < buf.len() {
         let at = offset_bytes + done as u64;
         match read(at, &mut buf[done..]) {
@@ -240,7 +241,7 @@ fn read_full(
             }
             Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
                 eintr_count += 1;
-                if eintr_count > INTERRUPTIONS_MAX {
+                if eintr_count > READ_RETRIES_MAX {
                     return Err(SalvageStop::Fatal {
                         offset_bytes: at,
                         len_bytes: (buf.len() - done) as u64,
@@ -260,9 +261,6 @@ fn read_full(
     }
     Ok(None)
 }
-
-/// EINTR/EAGAIN in a row before a salvage read counts as failed.
-const INTERRUPTIONS_MAX: u32 = 16;
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::time::Instant;
 
 /// Retries of one read that failed with EAGAIN or EINTR (the kernel could
-/// not take it right now) before it counts as failed.
+/// not take it right now) before it counts as failed; salvage's re-reads
+/// keep the same bound.
 pub(crate) const READ_RETRIES_MAX: u32 = 16;
 /// Largest latency the histogram records exactly (an hour); longer reads
 /// are recorded as this.
