@@ -332,7 +332,6 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             demo::run(&DemoOptions {
                 size_bytes: args.size,
                 seed: args.seed,
-                verbose: args.verbose,
             })?;
             Ok(Exit::Success)
         }
@@ -403,7 +402,6 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.print_writes = args.print_writes;
     options.stats_json = args.stats_json;
     options.hold_file = args.hold_file;
-    options.verbose = args.verbose;
     options.freeze = args.freeze;
     options.adaptive = args.adaptive;
     options.dirty_map_memory = DirtyMapMemory::from_flag(args.dirty_map_memory);

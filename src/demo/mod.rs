@@ -37,7 +37,6 @@ const WRITE_BYTES: usize = 4096;
 pub struct DemoOptions {
     pub size_bytes: u64,
     pub seed: u64,
-    pub verbose: bool,
 }
 
 /// Runs the demo; Ok only if the restored image equals the device.
@@ -67,7 +66,6 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
         ImageOptions::new(device.path.clone(), Output::File(image_path.clone()));
     image_options.hold_file = Some(hold.clone());
     image_options.main_pass_done = Some(Arc::clone(&main_pass_done));
-    image_options.verbose = options.verbose;
 
     let writer_stop = AtomicBool::new(false);
     let writes = AtomicU64::new(0);

@@ -189,7 +189,6 @@ pub struct ImageOptions {
     /// While this file exists, the run keeps catching up instead of ending
     /// (for a workload that will stop soon: remove the file when it has).
     pub hold_file: Option<PathBuf>,
-    pub verbose: bool,
     /// Set once the main pass has read the whole device.
     pub main_pass_done: Option<Arc<AtomicBool>>,
     /// Freeze the device's mounted filesystems for the final round.
@@ -224,7 +223,6 @@ impl ImageOptions {
             print_writes: false,
             stats_json: None,
             hold_file: None,
-            verbose: false,
             main_pass_done: None,
             freeze: false,
             hold_frozen_file: None,
@@ -352,9 +350,7 @@ fn trace_on(device: &SourceDevice, options: &ImageOptions) -> anyhow::Result<Box
     if let Some(reason) = reason {
         eprintln!("Event source: {reason}");
     }
-    if options.verbose {
-        eprintln!("Event source: {}", source.describe());
-    }
+    tracing::info!("Event source: {}", source.describe());
     Ok(source)
 }
 

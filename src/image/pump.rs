@@ -75,13 +75,11 @@ impl Run<'_> {
         let latency = pacing.probe.take_window();
         let rate = pacing.controller.on_window(latency);
         self.set_rate(pacing, rate);
-        if self.options.verbose {
-            eprintln!(
-                "Adaptive: workload write latency {} -> reading at {}",
-                latency.map_or("none".to_string(), |l| format!("{l:.0} us")),
-                Rate(rate as f64)
-            );
-        }
+        tracing::info!(
+            "Adaptive: workload write latency {} -> reading at {}",
+            latency.map_or("none".to_string(), |l| format!("{l:.0} us")),
+            Rate(rate as f64)
+        );
     }
 
     fn set_rate(&self, pacing: &mut Pacing, bytes_per_second: u64) {
