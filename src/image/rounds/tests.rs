@@ -72,6 +72,9 @@ struct Sim {
     /// starts (`None`: a new pass).
     batch: usize,
     cursor: Option<u64>,
+    /// Looks that started a pass over the map and took something: what
+    /// `--max-rounds` counts.
+    passes_read: u32,
 }
 
 impl Sim {
@@ -98,6 +101,7 @@ impl Sim {
             settled_at: 0,
             batch: usize::MAX,
             cursor: None,
+            passes_read: 0,
         };
         sim.land();
         // Before the main pass the run waits for `inflight` to read zero,
@@ -119,6 +123,15 @@ impl Sim {
 
     fn now(&self) -> Instant {
         self.base + TICK * self.tick
+    }
+
+    /// The tick by which every write has landed and completed.
+    fn quiet_at(&self) -> u32 {
+        self.writes
+            .iter()
+            .map(|w| w.complete_at.unwrap_or(w.land_at).max(w.land_at))
+            .max()
+            .unwrap_or(0)
     }
 
     fn advance(&mut self) {
@@ -219,6 +232,9 @@ impl World for Sim {
             pass_whole = true;
             taken = self.take_batch();
         }
+        if pass_whole && !taken.is_empty() {
+            self.passes_read += 1;
+        }
         let dirty_bytes = taken.len() as u64 * BLOCK_BYTES;
         extents.extend(taken.iter().map(|&block| Extent {
             offset_bytes: block * BLOCK_BYTES,
@@ -301,6 +317,10 @@ fn config(freeze: bool) -> RoundsConfig {
         hold_file: None,
     }
 }
+
+/// Ticks past the workload's last completion within which a run may still
+/// end unconverged (it drains what the last writes dirtied first).
+const UNCONVERGED_AFTER_QUIET_TICKS_MAX: u32 = 8;
 
 fn run(sim: &mut Sim, freeze: bool) -> Ending {
     let mut rounds = Rounds::new(config(freeze));
@@ -586,7 +606,21 @@ proptest! {
         prop_assume!(!sim.has_unrevealable_write());
         match run(&mut sim, false) {
             Ending::Converged => assert_exact(&sim),
-            Ending::Unconverged { .. } => {}
+            Ending::Unconverged { .. } => {
+                // Only while the workload still wrote: once every write
+                // has completed, the rounds must drain the rest.
+                let quiet_at = sim.quiet_at();
+                prop_assert!(
+                    sim.passes_read >= config(false).rounds_max,
+                    "unconverged after {} passes, fewer than --max-rounds",
+                    sim.passes_read
+                );
+                prop_assert!(
+                    sim.tick <= quiet_at + UNCONVERGED_AFTER_QUIET_TICKS_MAX,
+                    "unconverged at tick {}, though every write had completed by tick {quiet_at}",
+                    sim.tick
+                );
+            }
             Ending::NoCompletions(c) => prop_assert!(false, "no completions: {c:?}"),
         }
     }
