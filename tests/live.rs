@@ -2,10 +2,8 @@
 //! through the main pass and into the catch-up; after it stops and the run
 //! ends, the reassembled image must equal the device byte for byte.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

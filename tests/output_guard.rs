@@ -4,10 +4,8 @@
 //! complete, mode 0600; loop sources with a second way in are refused; and
 //! `--force` gets past a refusal.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,7 @@
 //! `reassemble` and `verify` through the real binary: round trips, both
 //! spellings, stdin, sparseness, permissions, every bad input, block devices.
 
-mod common;
-
-use common::*;
+use hc_test_kit::*;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
