@@ -385,9 +385,7 @@ fn refuses_to_write_the_image_onto_the_imaged_device() {
 
 #[test]
 fn demo_runs_and_cleans_up() {
-    let mut cmd = hot_clone();
-    cmd.args(["demo", "--size", "64M"]);
-    let result = run(cmd, None);
+    let result = run_hot_clone(["demo", "--size", "64M"], None);
     let log = stderr(&result);
     assert!(result.status.success(), "{log}");
     assert!(log.contains("equals the device byte for byte"), "{log}");

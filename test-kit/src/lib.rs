@@ -48,6 +48,17 @@ pub fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// Runs the product binary with `args` to completion ([`run`]).
+pub fn run_hot_clone<I, S>(args: I, stdin: Option<&[u8]>) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = hot_clone();
+    command.args(args);
+    run(command, stdin)
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
