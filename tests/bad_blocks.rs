@@ -12,9 +12,6 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
 /// The device as the image restores it: sections in order, then zeros
 /// where B: records say (the format's "later wins", B: records last).
 fn restored(image: &[u8], parsed: &ParsedImage, size: usize) -> Vec<u8> {

@@ -20,9 +20,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
 fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
     Extent {
         offset_bytes,

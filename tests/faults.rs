@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// Thaws `mountpoint` (a no-op unless frozen).
 fn thaw(mountpoint: &Path) {
     let _ = Command::new("fsfreeze")

@@ -321,8 +321,6 @@ fn start_imaging(device: &Path, image: &Path, extra: &[&str]) -> LiveRun {
     LiveRun::spawn(cmd)
 }
 
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
 fn wait_for_ops(churn: &Churn, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while churn.ops() < count {

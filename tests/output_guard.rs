@@ -10,9 +10,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `hot-clone image -d DEVICE` plus `args`, stdout to /dev/null.
 fn image(device: &Path, args: &[&str]) -> Output {

@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// A `hot-clone image` of `device` on the tracefs source, held in its
 /// catch-up by a hold file until `release`.
 struct Imaging {

@@ -25,6 +25,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+
+/// How long a test gives one `hot-clone image` run before it fails it.
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub const BANNER: &str = "This-Is-A-Hot-Clone-Image See: https://github.com/benjojo/hot-clone\n";
 
 /// Runs a command to completion, feeding `stdin` if given.
