@@ -7,14 +7,14 @@
 //! level is printed once to stderr (`memory_bytes`), for PERF.md.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use hot_clone::dirty::{DirtyMap, Extent};
+use hot_clone::dirty::DirtyMap;
+use hot_clone::geom::{ByteExtent as Extent, SECTOR_BYTES};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const TIB: u64 = 1 << 40;
 const MIB: u64 = 1 << 20;
 const BLOCK_BYTES: u32 = 4096;
-const SECTOR_BYTES: u64 = 512;
 /// Events per marking iteration: a plausible trace batch.
 const EVENT_COUNT: usize = 1 << 16;
 /// The catch-up's read size: extents are split there.

@@ -2,9 +2,9 @@
 //! original tool's single-dash spelling is rewritten into it first.
 
 use crate::demo::{self, DemoOptions};
-use crate::engine::EngineConfig;
+use crate::engine::{Choice, EngineConfig};
 use crate::exit::Exit;
-use crate::image::{self, CompletionsMissing, EventsLost, ImageOptions, Output, Verdict};
+use crate::image::{self, DirtyMapMemory, ImageError, ImageOptions, Output};
 use crate::restore::{self, ImageSource, Options};
 use crate::signals::{self, Interrupted};
 use crate::trace::live::{SourceConfig, SourceKind};
@@ -88,6 +88,18 @@ pub enum Command {
     /// Hidden because no user has a reason to start it by hand.
     #[command(hide = true)]
     FreezeGuardian(GuardianArgs),
+}
+
+impl Command {
+    /// `-v`: diagnostics at `info` ([`crate::logging`]).
+    fn verbose(&self) -> bool {
+        match self {
+            Command::Image(args) => args.verbose,
+            Command::Demo(args) => args.verbose,
+            Command::Reassemble(args) => args.verbose,
+            Command::Verify(_) | Command::FreezeGuardian(_) => false,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -200,7 +212,8 @@ pub struct ImageArgs {
     /// Re-reads of each logical block that fails with a read error about
     /// its range (EIO, ENODATA, EILSEQ, EREMOTEIO) before it counts as
     /// unreadable and becomes a B: record in the image (at most 64).
-    #[arg(long, value_name = "N", default_value_t = image::READ_RETRIES_DEFAULT)]
+    #[arg(long, value_name = "N", default_value_t = image::READ_RETRIES_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::engine::RETRIES_MAX)))]
     pub read_retries: u32,
     /// End the run, with no trailer and exit 1, once more than BYTES of the
     /// device cannot be read (e.g. 64M); the default stops a dead device
@@ -295,6 +308,7 @@ pub fn main() -> ExitCode {
     if let Command::FreezeGuardian(args) = &cli.command {
         return crate::source::freeze::guardian_main(args.parent, &args.items);
     }
+    crate::logging::init(cli.command.verbose());
     match run(cli) {
         Ok(exit) => exit.into(),
         Err(error) => {
@@ -305,12 +319,11 @@ pub fn main() -> ExitCode {
             for cause in chain {
                 eprintln!("  because: {cause}");
             }
-            if error.chain().any(|c| c.is::<Interrupted>()) {
+            if let Some(image_error) = error.downcast_ref::<ImageError>() {
+                image_error.exit().into()
+            } else if error.chain().any(|c| c.is::<Interrupted>()) {
+                // A signal in another command (restore, verify, demo).
                 Exit::Interrupted.into()
-            } else if error.chain().any(|c| c.is::<EventsLost>()) {
-                Exit::EventsLost.into()
-            } else if error.chain().any(|c| c.is::<CompletionsMissing>()) {
-                Exit::CompletionsMissing.into()
             } else {
                 Exit::Failure.into()
             }
@@ -335,9 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
                 allow_legacy: args.allow_legacy,
             };
             let outcome = restore::reassemble(&source, &args.output, options)?;
-            if args.verbose {
-                eprint!("{}", outcome.summary.describe());
-            }
+            tracing::info!("{}", outcome.summary.describe().trim_end_matches('\n'));
             eprintln!(
                 "Restored {} sections ({} bytes of data) to {}",
                 outcome.summary.sections,
@@ -382,9 +393,10 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     let mut options = ImageOptions::new(args.device, output);
     options.force = args.force;
     options.engine = EngineConfig {
-        threads: args.threads,
-        queue_depth: args.queue_depth,
-        chunk_bytes,
+        // The flags' documented 0 is "choose for me".
+        threads: Choice::zero_is_auto(args.threads),
+        queue_depth: Choice::zero_is_auto(args.queue_depth),
+        chunk_bytes: Choice::zero_is_auto(chunk_bytes),
         max_rate_bytes_per_second: args.max_rate,
         ioprio: args.ioprio,
         ..EngineConfig::default()
@@ -400,7 +412,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.verbose = args.verbose;
     options.freeze = args.freeze;
     options.adaptive = args.adaptive;
-    options.dirty_map_memory_max = (args.dirty_map_memory > 0).then_some(args.dirty_map_memory);
+    options.dirty_map_memory = DirtyMapMemory::from_flag(args.dirty_map_memory);
     #[cfg(feature = "test-hooks")]
     {
         options.hold_frozen_file = args.hold_frozen_file;
@@ -418,37 +430,9 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.max_bad_bytes = args.max_bad_bytes;
     let outcome = image::run(&options)?;
     image::print_summary(&outcome);
-    let unreadable_bytes = outcome.stats.unreadable.bytes;
-    Ok(match outcome.verdict {
-        Verdict::Converged if unreadable_bytes == 0 => {
-            match &outcome.stats.freeze_ended_early {
-                Some(why) => eprintln!(
-                    "Done, but NOT point-in-time: {why}, so the freeze ended early; the image is crash-consistent, as without --freeze"
-                ),
-                None => eprintln!("Done"),
-            }
-            Exit::Success
-        }
-        Verdict::Converged => {
-            eprintln!(
-                "Done, but {unreadable_bytes} bytes of {} could not be read: the image records them as bad ranges and holds nothing for them (see above)",
-                options.device.display()
-            );
-            Exit::Unreadable
-        }
-        // Exit 3 wins over 6: an unconverged image is not a consistent copy.
-        Verdict::Unconverged { .. } => {
-            eprintln!(
-                "Done, but NOT converged (see the warning above){}",
-                if unreadable_bytes > 0 {
-                    format!(", and {unreadable_bytes} bytes could not be read")
-                } else {
-                    String::new()
-                }
-            );
-            Exit::Incomplete
-        }
-    })
+    let (last_line, exit) = image::ending(&outcome, &options.device);
+    eprintln!("{last_line}");
+    Ok(exit)
 }
 
 /// The smallest `--freeze-memory`: a few sections of a frozen round.
@@ -697,6 +681,23 @@ mod tests {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect()
         })
+    }
+
+    #[test]
+    fn read_retries_past_the_cap_are_refused() {
+        let parse = |n: u32| {
+            Cli::try_parse_from([
+                "hot-clone",
+                "image",
+                "-d",
+                "x",
+                "--read-retries",
+                &n.to_string(),
+            ])
+        };
+        assert!(parse(crate::engine::RETRIES_MAX).is_ok());
+        let error = parse(crate::engine::RETRIES_MAX + 1).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
     }
 
     #[test]

@@ -137,7 +137,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::geom::SECTOR_BYTES;
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 /// Smallest block the map tracks: one sector.
 pub const BLOCK_BYTES_MIN: u32 = 512;
 /// Bits in one bitmap word.
@@ -172,22 +172,6 @@ const _: () = assert!(LEAF_BLOCK_COUNT.is_power_of_two());
 const _: () = assert!(LEAF_BYTES == LEAF_BLOCK_COUNT / 8);
 const _: () = assert!(LEAVES_PER_SUMMARY_WORD as u64 == WORD_BITS);
 const _: () = assert!(LEAF_BLOCK_COUNT < SPARSE_LANE_MASK);
-
-/// A byte range of the device, as the catch-up reads it: `offset_bytes` is a
-/// multiple of the map's block size; `len_bytes` is too, except for an extent
-/// that ends at a device end which is not a block multiple.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Extent {
-    pub offset_bytes: u64,
-    pub len_bytes: u64,
-}
-
-impl Extent {
-    /// One past the last byte.
-    pub fn end_bytes(&self) -> u64 {
-        self.offset_bytes + self.len_bytes
-    }
-}
 
 /// Where a bounded pass over the map ([`DirtyMap::take_bounded`]) resumes.
 /// A fresh cursor starts at the device start; once the pass has reached the
@@ -558,13 +542,16 @@ impl DirtyMap {
     /// blocks; pass `u64::MAX` for no split) and clamped at the device end.
     /// Returns the bytes appended. The taken blocks are clear afterwards,
     /// unless marked again meanwhile (see "Why a take loses nothing").
+    /// Every extent's `offset_bytes` is a multiple of the block size;
+    /// `len_bytes` is too, except for one that ends at a device end which is
+    /// not a block multiple.
     ///
     /// `out` grows by up to one extent per dirty run; use
     /// [`take_bounded`](Self::take_bounded) to cap it.
     ///
     /// # Panics
     /// If `extent_bytes_max` is smaller than a block.
-    pub fn take_into(&self, out: &mut Vec<Extent>, extent_bytes_max: u64) -> u64 {
+    pub fn take_into(&self, out: &mut Vec<ByteExtent>, extent_bytes_max: u64) -> u64 {
         let mut cursor = TakeCursor::new();
         self.take_bounded(&mut cursor, out, extent_bytes_max, usize::MAX)
     }
@@ -583,7 +570,7 @@ impl DirtyMap {
     pub fn take_bounded(
         &self,
         cursor: &mut TakeCursor,
-        out: &mut Vec<Extent>,
+        out: &mut Vec<ByteExtent>,
         extent_bytes_max: u64,
         extent_count_max: usize,
     ) -> u64 {
@@ -764,7 +751,7 @@ enum LeafForMark<'a> {
 /// IOPS and ~3 GB/s, a 4 KiB read costs as much as reading ~30 KiB.
 ///
 /// In place: no allocation, whatever the number of extents.
-pub fn merge_small_gaps(extents: &mut Vec<Extent>, gap_bytes_max: u64) {
+pub fn merge_small_gaps(extents: &mut Vec<ByteExtent>, gap_bytes_max: u64) {
     let mut kept = 0;
     for index in 0..extents.len() {
         let extent = extents[index];
@@ -871,7 +858,7 @@ fn bit_range(bit_first: u64, bit_end: u64) -> u64 {
 
 /// Coalesces taken blocks, in increasing order, into extents.
 struct ExtentSink<'a> {
-    out: &'a mut Vec<Extent>,
+    out: &'a mut Vec<ByteExtent>,
     block_bytes: u64,
     device_bytes: u64,
     extent_block_count_max: u64,
@@ -881,7 +868,7 @@ struct ExtentSink<'a> {
 }
 
 impl<'a> ExtentSink<'a> {
-    fn new(out: &'a mut Vec<Extent>, map: &DirtyMap, extent_bytes_max: u64) -> ExtentSink<'a> {
+    fn new(out: &'a mut Vec<ByteExtent>, map: &DirtyMap, extent_bytes_max: u64) -> ExtentSink<'a> {
         ExtentSink {
             out,
             block_bytes: u64::from(map.block_bytes),
@@ -940,7 +927,7 @@ impl<'a> ExtentSink<'a> {
             offset_bytes < end_bytes,
             "a dirty block past the device end"
         );
-        let extent = Extent {
+        let extent = ByteExtent {
             offset_bytes,
             len_bytes: end_bytes - offset_bytes,
         };
@@ -970,8 +957,8 @@ fn zeroed_u32s(len: usize) -> Box<[AtomicU32]> {
 mod merge_tests {
     use super::*;
 
-    fn e(offset_bytes: u64, len_bytes: u64) -> Extent {
-        Extent {
+    fn e(offset_bytes: u64, len_bytes: u64) -> ByteExtent {
+        ByteExtent {
             offset_bytes,
             len_bytes,
         }
@@ -1034,14 +1021,14 @@ mod tests {
     const MIB: u64 = 1024 * KIB;
     const TIB: u64 = 1024 * 1024 * MIB;
 
-    fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
-        Extent {
+    fn extent(offset_bytes: u64, len_bytes: u64) -> ByteExtent {
+        ByteExtent {
             offset_bytes,
             len_bytes,
         }
     }
 
-    fn take_all(map: &DirtyMap, extent_bytes_max: u64) -> Vec<Extent> {
+    fn take_all(map: &DirtyMap, extent_bytes_max: u64) -> Vec<ByteExtent> {
         let mut out = Vec::new();
         let bytes = map.take_into(&mut out, extent_bytes_max);
         assert_eq!(bytes, out.iter().map(|e| e.len_bytes).sum::<u64>());
@@ -1050,7 +1037,7 @@ mod tests {
 
     /// Blocks covered by `extents`, checking they are block-aligned, inside
     /// the device and in increasing order without overlap.
-    fn blocks_of(map: &DirtyMap, extents: &[Extent]) -> BTreeSet<u64> {
+    fn blocks_of(map: &DirtyMap, extents: &[ByteExtent]) -> BTreeSet<u64> {
         let block_bytes = u64::from(map.block_bytes());
         let mut blocks = BTreeSet::new();
         let mut end_previous = 0;
@@ -1094,7 +1081,7 @@ mod tests {
         device_bytes: u64,
         block_bytes: u64,
         extent_bytes_max: u64,
-    ) -> Vec<Extent> {
+    ) -> Vec<ByteExtent> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for &block in blocks {
             match runs.last_mut() {

@@ -2,14 +2,12 @@
 //! out to a regular file (sparse, atomically renamed into place) or a block
 //! device (refused while in use or too small) — or nowhere, for `verify`.
 
-use crate::format::{
-    Banner, Extent, FormatError, ImageReader, Record, RunState, SECTOR_BYTES, Trailer,
-};
+use crate::format::{Banner, FormatError, ImageReader, Record, RunState, Trailer};
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 use crate::signals;
 use crate::source::blockdev::{self, DevNum};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, anyhow, bail};
-use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
@@ -94,8 +92,13 @@ impl ImageSource {
                 let file = File::open(path)
                     .with_context(|| format!("cannot open image {}", path.display()))?;
                 let len = file.metadata().ok().map(|m| m.len());
-                // SAFETY: posix_fadvise only takes a hint about an open fd.
-                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+                // Only a hint: a failure changes nothing.
+                let _ = nix::fcntl::posix_fadvise(
+                    &file,
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+                );
                 let input: Box<dyn Read + Send> = Box::new(file);
                 Ok((
                     Box::new(BufReader::with_capacity(INPUT_BUFFER_BYTES, input)),
@@ -128,7 +131,7 @@ pub struct Summary {
     pub data_bytes: u64,
     pub zero_bytes: u64,
     /// Bad ranges, the first [`BAD_RANGES_LISTED_MAX`] of them.
-    pub bad_ranges: Vec<Extent>,
+    pub bad_ranges: Vec<ByteExtent>,
     pub bad_range_count: u64,
     pub bad_bytes: u64,
     /// The size the restored device or file has: the largest section end,
@@ -225,7 +228,7 @@ pub enum Warning {
         count: u64,
         bytes: u64,
         /// The first [`BAD_RANGES_LISTED_MAX`] of them.
-        listed: Vec<Extent>,
+        listed: Vec<ByteExtent>,
     },
     /// Restored with `--allow-legacy`: no END trailer, so a cut-short image
     /// cannot be told from a whole one.
@@ -257,13 +260,7 @@ impl fmt::Display for Warning {
                 let shown: Vec<String> = listed
                     .iter()
                     .take(BAD_RANGES_WARNED_MAX)
-                    .map(|e| {
-                        format!(
-                            "bytes {}..{}",
-                            e.offset_bytes(),
-                            e.offset_bytes().saturating_add(e.len_bytes)
-                        )
-                    })
+                    .map(|e| format!("bytes {}..{}", e.offset_bytes, e.end_bytes()))
                     .collect();
                 write!(
                     f,
@@ -400,56 +397,14 @@ fn reassemble_to_device(
     options: Options,
 ) -> anyhow::Result<(Summary, Vec<Warning>)> {
     let name = output.display();
-    let dev = DevNum::of_path(output)?.expect("checked to be a block device");
-    let mut devs = vec![dev];
-    devs.extend(blockdev::partitions_of(dev));
-    let uses = blockdev::uses_of(&devs);
-    if !uses.is_empty() {
-        bail!(
-            "{name} is in use, refusing to restore onto it: {}",
-            uses.join("; ")
-        );
-    }
-    // Read as well as write: the held ranges start as the device's content.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_EXCL)
-        .open(output)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EBUSY) => anyhow!(
-                "{name} is in use (the kernel holds it: mounted, swap, RAID or LVM member); refusing to restore onto it"
-            ),
-            _ => anyhow!(e).context(format!("cannot open {name} for writing")),
-        })?;
-    let device_bytes =
-        blockdev::size_bytes(&file).with_context(|| format!("cannot read the size of {name}"))?;
-    let logical_block_bytes = blockdev::logical_block_bytes(&file)
-        .with_context(|| format!("cannot read the logical block size of {name}"))?;
-
+    let target = Target::open(output)?;
     // A file image is checked whole before the device is touched; a stream
     // can only be checked as it is written.
     if let ImageSource::File(_) = source {
-        let checked = read_image(source, &mut NullSink, "Checked").with_context(|| {
-            format!(
-                "checking {} before writing; nothing was written to {name}",
-                source.name()
-            )
-        })?;
-        if checked.trailer.is_none() && !options.allow_legacy {
-            return Err(legacy_refusal(source)).context(format!("nothing was written to {name}"));
-        }
-        if checked.extent_bytes > device_bytes {
-            bail!(
-                "{name} holds {device_bytes} bytes ({}), the image needs {} ({}); nothing was written",
-                Bytes(device_bytes),
-                checked.extent_bytes,
-                Bytes(checked.extent_bytes)
-            );
-        }
+        check_before_writing(source, options, &name.to_string(), target.device_bytes)?;
     }
 
-    let mut sink = DeviceSink::new(file, device_bytes, output);
+    let mut sink = DeviceSink::new(target.file, target.device_bytes, output);
     let result = read_image(source, &mut sink, "Restored");
     let summary = result.map_err(|e| {
         if sink.bytes_written == 0 {
@@ -473,7 +428,101 @@ fn reassemble_to_device(
     sink.file
         .sync_all()
         .with_context(|| format!("flushing {name}"))?;
+    let warnings = target_warnings(
+        &name.to_string(),
+        target.dev,
+        &summary,
+        target.logical_block_bytes,
+        &sink.file,
+    );
+    Ok((summary, warnings))
+}
 
+/// The block device a restore writes: refused while anything uses it or
+/// one of its partitions, then opened exclusively.
+struct Target {
+    dev: DevNum,
+    /// Read as well as write: the held ranges start as the device's content.
+    file: File,
+    device_bytes: u64,
+    logical_block_bytes: u32,
+}
+
+impl Target {
+    fn open(output: &Path) -> anyhow::Result<Target> {
+        let name = output.display();
+        let dev = DevNum::of_path(output)?.expect("checked to be a block device");
+        let mut devs = vec![dev];
+        devs.extend(blockdev::partitions_of(dev));
+        let uses = blockdev::uses_of(&devs);
+        if !uses.is_empty() {
+            bail!(
+                "{name} is in use, refusing to restore onto it: {}",
+                uses.join("; ")
+            );
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(output)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => anyhow!(
+                    "{name} is in use (the kernel holds it: mounted, swap, RAID or LVM member); refusing to restore onto it"
+                ),
+                _ => anyhow!(e).context(format!("cannot open {name} for writing")),
+            })?;
+        let device_bytes = blockdev::size_bytes(&file)
+            .with_context(|| format!("cannot read the size of {name}"))?;
+        let logical_block_bytes = blockdev::logical_block_bytes(&file)
+            .with_context(|| format!("cannot read the logical block size of {name}"))?;
+        Ok(Target {
+            dev,
+            file,
+            device_bytes,
+            logical_block_bytes,
+        })
+    }
+}
+
+/// An image file, read whole before the device `name` is written: it must verify
+/// (or be a legacy image the caller allowed) and fit.
+fn check_before_writing(
+    source: &ImageSource,
+    options: Options,
+    name: &str,
+    device_bytes: u64,
+) -> anyhow::Result<()> {
+    let checked = read_image(source, &mut NullSink, "Checked").with_context(|| {
+        format!(
+            "checking {} before writing; nothing was written to {name}",
+            source.name()
+        )
+    })?;
+    if checked.trailer.is_none() && !options.allow_legacy {
+        return Err(legacy_refusal(source)).context(format!("nothing was written to {name}"));
+    }
+    if checked.extent_bytes > device_bytes {
+        bail!(
+            "{name} holds {device_bytes} bytes ({}), the image needs {} ({}); nothing was written",
+            Bytes(device_bytes),
+            checked.extent_bytes,
+            Bytes(checked.extent_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// What a finished restore onto a device warns about: a logical block size
+/// other than the imaged device's, and a partition table the kernel could
+/// not re-read.
+fn target_warnings(
+    name: &str,
+    dev: DevNum,
+    summary: &Summary,
+    logical_block_bytes: u32,
+    file: &File,
+) -> Vec<Warning> {
     let mut warnings = Vec::new();
     if let Some(image_bytes) = summary.banner.meta.logical_block_bytes
         && image_bytes != u64::from(logical_block_bytes)
@@ -487,7 +536,7 @@ fn reassemble_to_device(
     // A whole disk's partition devices still show the layout the kernel
     // read before; a partition has no table of its own.
     if !blockdev::is_partition(dev)
-        && let Err(e) = blockdev::reread_partitions(&sink.file)
+        && let Err(e) = blockdev::reread_partitions(file)
         && e.raw_os_error() != Some(libc::EINVAL)
     {
         warnings.push(Warning::PartitionRereadFailed {
@@ -495,7 +544,7 @@ fn reassemble_to_device(
             error: e.to_string(),
         });
     }
-    Ok((summary, warnings))
+    warnings
 }
 
 /// Image buffers in flight between the parsing thread and the sink.
@@ -512,7 +561,7 @@ enum Step {
         len: usize,
         image_offset: u64,
     },
-    SectionDone(Extent),
+    SectionDone(ByteExtent),
     Finished {
         image_bytes: u64,
     },
@@ -527,7 +576,13 @@ fn read_image(
 ) -> anyhow::Result<Summary> {
     let (input, total_bytes) = source.open()?;
     let mut progress = Progress::new(verb, total_bytes);
-    let summary = read_stream_with(input, &source.name(), sink, CHUNK_BYTES, &mut progress)?;
+    let summary = read_stream_with(
+        input,
+        &source.name(),
+        sink,
+        CHUNK_BYTES,
+        Some(&mut progress),
+    )?;
     progress.done(summary.image_bytes);
     Ok(summary)
 }
@@ -543,7 +598,7 @@ pub fn read_stream(
     sink: &mut dyn Sink,
     chunk_bytes: usize,
 ) -> anyhow::Result<Summary> {
-    read_stream_with(input, name, sink, chunk_bytes, &mut Progress::silent())
+    read_stream_with(input, name, sink, chunk_bytes, None)
 }
 
 /// Two threads: one parses the image and checks its CRC, the calling one
@@ -555,7 +610,7 @@ fn read_stream_with(
     name: &str,
     sink: &mut dyn Sink,
     chunk_bytes: usize,
-    progress: &mut Progress,
+    mut progress: Option<&mut Progress>,
 ) -> anyhow::Result<Summary> {
     assert!(
         (1..=CHUNK_BYTES).contains(&chunk_bytes),
@@ -592,47 +647,8 @@ fn read_stream_with(
         .context("cannot start the image parsing thread")?;
 
     loop {
-        // Woken at least this often, so that a signal ends a restore whose
-        // input stalls (the parser thread may sit in a read of stdin).
-        let step = loop {
-            match step_rx.recv_timeout(SIGNAL_CHECK_INTERVAL) {
-                Ok(step) => {
-                    signals::check()?;
-                    break step?;
-                }
-                Err(RecvTimeoutError::Timeout) => signals::check()?,
-                Err(RecvTimeoutError::Disconnected) => {
-                    bail!("the image parsing thread stopped unexpectedly")
-                }
-            }
-        };
-        signals::check()?;
-        match step {
-            Step::Record(record) => {
-                match record {
-                    Record::Data(extent) => sink.admit(extent)?,
-                    Record::Zero(extent) => {
-                        sink.admit(extent)?;
-                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.zero_bytes = summary.zero_bytes.saturating_add(extent.len_bytes);
-                    }
-                    Record::Bad(extent) => {
-                        sink.admit(extent)?;
-                        sink.zero(extent.offset_bytes(), extent.len_bytes)?;
-                        summary.bad_range_count = summary.bad_range_count.saturating_add(1);
-                        summary.bad_bytes = summary.bad_bytes.saturating_add(extent.len_bytes);
-                        if summary.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
-                            summary.bad_ranges.push(extent);
-                        }
-                    }
-                    Record::State(state) => summary.state = Some(state),
-                    Record::End(trailer) => summary.trailer = Some(trailer),
-                }
-                if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
-                    let end = e.end_bytes().expect("the reader checked the extent");
-                    summary.extent_bytes = summary.extent_bytes.max(end);
-                }
-            }
+        match next_step(&step_rx)? {
+            Step::Record(record) => summary.count(record, sink)?,
             Step::Data {
                 offset_bytes,
                 buf,
@@ -641,7 +657,9 @@ fn read_stream_with(
             } => {
                 sink.write(offset_bytes, &buf[..len])?;
                 let _ = free_tx.send(buf);
-                progress.tick(image_offset);
+                if let Some(progress) = progress.as_deref_mut() {
+                    progress.tick(image_offset);
+                }
             }
             Step::SectionDone(extent) => {
                 sink.section_done(extent);
@@ -658,6 +676,56 @@ fn read_stream_with(
         .join()
         .map_err(|_| anyhow!("the image parsing thread panicked"))?;
     Ok(summary)
+}
+
+/// The parser's next step. Woken at least every [`SIGNAL_CHECK_INTERVAL`],
+/// so that a signal ends a restore whose input stalls (the parser thread may
+/// sit in a read of stdin).
+fn next_step(steps: &Receiver<anyhow::Result<Step>>) -> anyhow::Result<Step> {
+    let step = loop {
+        match steps.recv_timeout(SIGNAL_CHECK_INTERVAL) {
+            Ok(step) => {
+                signals::check()?;
+                break step?;
+            }
+            Err(RecvTimeoutError::Timeout) => signals::check()?,
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the image parsing thread stopped unexpectedly")
+            }
+        }
+    };
+    signals::check()?;
+    Ok(step)
+}
+
+impl Summary {
+    /// Hands one record to `sink` (an extent is admitted; a `Z:` or `B:`
+    /// one is zeroed whole) and counts it.
+    fn count(&mut self, record: Record, sink: &mut dyn Sink) -> anyhow::Result<()> {
+        match record {
+            Record::Data(extent) => sink.admit(extent)?,
+            Record::Zero(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes, extent.len_bytes)?;
+                self.zero_bytes = self.zero_bytes.saturating_add(extent.len_bytes);
+            }
+            Record::Bad(extent) => {
+                sink.admit(extent)?;
+                sink.zero(extent.offset_bytes, extent.len_bytes)?;
+                self.bad_range_count = self.bad_range_count.saturating_add(1);
+                self.bad_bytes = self.bad_bytes.saturating_add(extent.len_bytes);
+                if self.bad_ranges.len() < BAD_RANGES_LISTED_MAX {
+                    self.bad_ranges.push(extent);
+                }
+            }
+            Record::State(state) => self.state = Some(state),
+            Record::End(trailer) => self.trailer = Some(trailer),
+        }
+        if let Record::Data(e) | Record::Zero(e) | Record::Bad(e) = record {
+            self.extent_bytes = self.extent_bytes.max(e.end_bytes());
+        }
+        Ok(())
+    }
 }
 
 /// The parsing thread: every record and every chunk of section data, in order.
@@ -677,7 +745,7 @@ fn parse_steps(
         let Record::Data(extent) = record else {
             continue;
         };
-        let mut offset_bytes = extent.offset_bytes();
+        let mut offset_bytes = extent.offset_bytes;
         loop {
             let mut buf = match spare.take() {
                 Some(buf) => buf,
@@ -727,12 +795,12 @@ pub trait Sink {
         Ok(())
     }
     /// Refuses an extent the target cannot hold, before any of it is written.
-    fn admit(&mut self, _extent: Extent) -> anyhow::Result<()> {
+    fn admit(&mut self, _extent: ByteExtent) -> anyhow::Result<()> {
         Ok(())
     }
     fn write(&mut self, offset_bytes: u64, data: &[u8]) -> anyhow::Result<()>;
     fn zero(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()>;
-    fn section_done(&mut self, _extent: Extent) {}
+    fn section_done(&mut self, _extent: ByteExtent) {}
 }
 
 /// `verify`: everything is read and checked, nothing is written.
@@ -830,23 +898,20 @@ impl Sink for FileSink {
         }
         let len = written_end - offset_bytes;
         if self.punch_hole_works {
-            // SAFETY: fallocate on an fd we own; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset_bytes as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(anyhow!(err).context(format!(
-                    "punching a hole of {len} bytes at byte {offset_bytes}"
-                )));
+            use nix::fcntl::{FallocateFlags, fallocate};
+            match fallocate(
+                &self.file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset_bytes as libc::off_t,
+                len as libc::off_t,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EOPNOTSUPP) => {}
+                Err(errno) => {
+                    return Err(anyhow!(io::Error::from(errno)).context(format!(
+                        "punching a hole of {len} bytes at byte {offset_bytes}"
+                    )));
+                }
             }
             self.punch_hole_works = false;
         }
@@ -1061,12 +1126,12 @@ impl Sink for DeviceSink {
         Ok(())
     }
 
-    fn admit(&mut self, extent: Extent) -> anyhow::Result<()> {
-        let end = extent.end_bytes().expect("the reader checked the extent");
+    fn admit(&mut self, extent: ByteExtent) -> anyhow::Result<()> {
+        let end = extent.end_bytes();
         if end > self.device_bytes {
             bail!(
                 "the image has a section at sector {} of {} bytes, ending at byte {end}, past the end of {} ({} bytes)",
-                extent.sector,
+                extent.sector_first(),
                 extent.len_bytes,
                 self.name,
                 self.device_bytes
@@ -1107,9 +1172,9 @@ impl Sink for DeviceSink {
         Ok(())
     }
 
-    fn section_done(&mut self, extent: Extent) {
+    fn section_done(&mut self, extent: ByteExtent) {
         self.sections_done = self.sections_done.saturating_add(1);
-        self.last_section_end_bytes = extent.end_bytes().expect("checked");
+        self.last_section_end_bytes = extent.end_bytes();
     }
 }
 
@@ -1211,35 +1276,28 @@ impl TempFile {
     /// /proc/self/fd, which needs no privilege; AT_EMPTY_PATH where /proc
     /// is missing, which needs CAP_DAC_READ_SEARCH).
     fn link(&mut self) -> anyhow::Result<()> {
-        let target = CString::new(self.named_path.as_os_str().as_bytes())
-            .map_err(|_| anyhow!("{}: a NUL byte in the path", self.named_path.display()))?;
-        let fd = self.file.as_raw_fd();
-        let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-        // SAFETY: linkat reads two NUL-terminated strings that live across
-        // the call; the fd is ours and open.
-        let mut rc = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                libc::AT_FDCWD,
-                target.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-            // SAFETY: as above; the empty path names the fd itself.
-            rc = unsafe {
-                libc::linkat(
-                    fd,
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    target.as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                )
-            };
+        use nix::fcntl::{AT_FDCWD, AtFlags};
+        use nix::unistd::linkat;
+        let target = self.named_path.as_path();
+        if target.as_os_str().as_bytes().contains(&0) {
+            bail!("{}: a NUL byte in the path", target.display());
         }
-        if rc != 0 {
-            return Err(anyhow!(io::Error::last_os_error()).context(format!(
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let linked = match linkat(
+            AT_FDCWD,
+            proc_path.as_str(),
+            AT_FDCWD,
+            target,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        ) {
+            // No /proc: the empty path names the fd itself.
+            Err(nix::errno::Errno::ENOENT) => {
+                linkat(&self.file, "", AT_FDCWD, target, AtFlags::AT_EMPTY_PATH)
+            }
+            other => other,
+        };
+        if let Err(errno) = linked {
+            return Err(anyhow!(io::Error::from(errno)).context(format!(
                 "cannot give {} the name {}",
                 self.describe(),
                 self.named_path.display()
@@ -1292,7 +1350,6 @@ struct Progress {
     total_bytes: Option<u64>,
     started: Instant,
     last_shown: Instant,
-    silent: bool,
 }
 
 impl Progress {
@@ -1303,27 +1360,18 @@ impl Progress {
             total_bytes,
             started: now,
             last_shown: now,
-            silent: false,
-        }
-    }
-
-    /// Shows nothing (for callers of [`read_stream`]).
-    fn silent() -> Self {
-        Progress {
-            silent: true,
-            ..Progress::new("", None)
         }
     }
 
     fn tick(&mut self, image_bytes: u64) {
-        if !self.silent && self.last_shown.elapsed() >= PROGRESS_INTERVAL {
+        if self.last_shown.elapsed() >= PROGRESS_INTERVAL {
             self.last_shown = Instant::now();
             self.show(image_bytes);
         }
     }
 
     fn done(&mut self, image_bytes: u64) {
-        if !self.silent && self.started.elapsed() >= PROGRESS_INTERVAL {
+        if self.started.elapsed() >= PROGRESS_INTERVAL {
             self.show(image_bytes);
         }
     }

@@ -15,15 +15,20 @@
 //! entries, registered by whoever sets up the state ([`Emergency::register`])
 //! and cleared when it is undone, so the handler never allocates or locks.
 
-use std::ffi::CString;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
+use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
 
 /// The signals that stop a run.
-pub const STOP_SIGNALS: [libc::c_int; 4] =
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+pub const STOP_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
 /// Emergency actions at most: a frozen filesystem or a trace each take one.
 pub const EMERGENCY_SLOTS: usize = 32;
@@ -145,14 +150,18 @@ fn run_emergency_actions() {
         } else if action == Action::WriteZero as u32 {
             let path = slot.path.load(Ordering::SeqCst);
             if !path.is_null() {
-                // SAFETY: open/write/close are async-signal-safe; `path` is
-                // a NUL-terminated string kept alive while registered.
-                unsafe {
-                    let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd >= 0 {
-                        libc::write(fd, b"0".as_ptr().cast(), 1);
-                        libc::close(fd);
-                    }
+                // SAFETY: `path` is a NUL-terminated string from
+                // `CString::into_raw`, never freed (see Drop).
+                let path = unsafe { CStr::from_ptr(path) };
+                // open/write/close are async-signal-safe; nix passes the
+                // `CStr` through without allocating.
+                use nix::fcntl::{OFlag, open};
+                if let Ok(fd) = open(
+                    path,
+                    OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                ) {
+                    let _ = nix::unistd::write(&fd, b"0");
                 }
             }
         }
@@ -166,11 +175,12 @@ extern "C" fn on_signal(_signal: libc::c_int) {
         run_emergency_actions();
         const MESSAGE: &[u8] =
             b"hot-clone: second signal: thawed and switched tracing off; exiting now\n";
-        // SAFETY: write and _exit are async-signal-safe.
-        unsafe {
-            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-            libc::_exit(130);
-        }
+        // write is async-signal-safe; `Stderr::as_fd` names fd 2 and takes
+        // no lock.
+        let _ = nix::unistd::write(std::io::stderr(), MESSAGE);
+        // SAFETY: _exit is async-signal-safe and runs no destructors or
+        // atexit handlers (what `std::process::exit` would).
+        unsafe { libc::_exit(130) };
     }
 }
 
@@ -178,16 +188,16 @@ extern "C" fn on_signal(_signal: libc::c_int) {
 /// on the thread that takes the signal returns EINTR, and the loops around
 /// such calls check the flag ([`check`]).
 pub fn install() {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for signal in STOP_SIGNALS {
-        // SAFETY: `sigaction` with a zeroed struct, an empty mask and a
-        // handler that only touches atomics and makes system calls; no
-        // memory is shared with the kernel beyond the call.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
+        // SAFETY: the handler only touches atomics and makes
+        // async-signal-safe system calls (see `on_signal`); no other handler
+        // of these signals is replaced that Rust code relies on.
+        let _ = unsafe { nix::sys::signal::sigaction(signal, &action) };
     }
 }
 

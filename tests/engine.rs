@@ -11,8 +11,8 @@
 //! ```
 
 use hc_test_kit::*;
-use hot_clone::dirty::Extent;
-use hot_clone::engine::{DeviceKind, Engine, EngineConfig, ReadDone, ReadError, Stopped};
+use hot_clone::engine::{Choice, DeviceKind, Engine, EngineConfig, EngineError, ReadDone};
+use hot_clone::geom::ByteExtent as Extent;
 use hot_clone::source::SourceDevice;
 use std::path::Path;
 use std::process::Command;
@@ -28,10 +28,11 @@ fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
 }
 
 fn config(threads: usize, queue_depth: u32, chunk_bytes: u32) -> EngineConfig {
+    // 0 = the engine picks, as on the command line (the bench passes 0s).
     EngineConfig {
-        threads,
-        queue_depth,
-        chunk_bytes,
+        threads: Choice::zero_is_auto(threads),
+        queue_depth: Choice::zero_is_auto(queue_depth),
+        chunk_bytes: Choice::zero_is_auto(chunk_bytes),
         ..EngineConfig::default()
     }
 }
@@ -289,7 +290,10 @@ fn the_stop_flag_stops_promptly_and_the_engine_stays_usable() {
     let err = engine
         .read_extents(&whole, &|_| panic!("stopped before the start"), None, &stop)
         .unwrap_err();
-    assert!(err.is::<Stopped>(), "{err:#}");
+    assert!(
+        matches!(err.downcast_ref(), Some(EngineError::Stopped(_))),
+        "{err:#}"
+    );
 
     let stop = AtomicBool::new(false);
     let delivered = AtomicUsize::new(0);
@@ -313,7 +317,10 @@ fn the_stop_flag_stops_promptly_and_the_engine_stays_usable() {
         )
         .unwrap_err();
     returned.store(true, Ordering::SeqCst);
-    assert!(err.is::<Stopped>(), "{err:#}");
+    assert!(
+        matches!(err.downcast_ref(), Some(EngineError::Stopped(_))),
+        "{err:#}"
+    );
     let delivered = delivered.load(Ordering::SeqCst);
     assert!(
         (11..11 + 2 * 4).contains(&delivered),
@@ -431,7 +438,7 @@ fn a_device_that_shrinks_under_the_engine_is_an_error() {
         .unwrap_err();
     let text = format!("{err:#}");
     eprintln!("error as reported: {text}");
-    let is_read_error = err.downcast_ref::<ReadError>().is_some();
+    let is_read_error = matches!(err.downcast_ref(), Some(EngineError::Read(_)));
     assert!(
         text.contains("end of device") || is_read_error,
         "unexpected error: {text}"

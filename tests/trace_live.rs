@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use hot_clone::geom::SECTOR_BYTES as SECTOR;
 use hot_clone::trace::live::{
     self, EventSource, INSTANCE_PREFIX, InstanceName, LiveError, SourceConfig, SourceKind,
     TRACEFS_ROOT, TraceTarget, cleanup_stale_instances, open_source, open_tracefs,
@@ -20,8 +21,6 @@ use hot_clone::trace::{DevT, Phase, WriteEvent, WriteKind};
 use hc_test_kit::loopdev::{LoopDevice, LoopOptions, detach_all_after};
 use hc_test_kit::stale::{dead_pid, held_stale_instance};
 use hc_test_kit::{AlignedBuf, open_direct};
-
-const SECTOR: u64 = 512;
 
 /// A hung test must not leave loop devices behind when the harness or CI
 /// kills the process (Drop does not run then).

@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         if let Record::Data(extent) | Record::Zero(extent) | Record::Bad(extent) = record {
-            let end = extent.end_bytes().expect("an extent past 2^64 got through");
+            let end = extent.checked_end_bytes().expect("an extent past 2^64 got through");
             assert!(device_bytes.is_none_or(|size| end <= size), "past size=");
         }
         if let Record::Data(extent) = record {

@@ -15,9 +15,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-// From <linux/fs.h>: _IO(0x12, 119) and _IO(0x12, 127).
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+// From <linux/fs.h>: _IO(0x12, 119) and _IO(0x12, 127), each reading a
+// `u64[2]` range (offset, length in bytes).
+nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
 /// What the writer makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,17 +193,21 @@ pub fn run_writer(
                 counts.writes += 1;
             }
             OperationKind::Discard | OperationKind::ZeroOut => {
-                let (request, name) = if op.kind == OperationKind::Discard {
-                    (BLKDISCARD, "BLKDISCARD")
-                } else {
-                    (BLKZEROOUT, "BLKZEROOUT")
-                };
+                let discard = op.kind == OperationKind::Discard;
+                let name = if discard { "BLKDISCARD" } else { "BLKZEROOUT" };
                 let span: [u64; 2] = [op.offset_bytes, op.len_bytes];
+                let fd = file.as_raw_fd();
                 // SAFETY: the ioctl reads two u64 from `span`, alive across
                 // the call; the descriptor is ours.
-                let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, span.as_ptr()) };
-                if rc != 0 {
-                    return Err(std::io::Error::last_os_error()).with_context(|| {
+                let done = unsafe {
+                    if discard {
+                        blkdiscard(fd, &span)
+                    } else {
+                        blkzeroout(fd, &span)
+                    }
+                };
+                if let Err(errno) = done {
+                    return Err(std::io::Error::from(errno)).with_context(|| {
                         format!(
                             "{name} of {} bytes at byte {} of {}",
                             op.len_bytes,

@@ -42,7 +42,8 @@
 //!
 //! # Defaults
 //!
-//! `0` in any [`EngineConfig`] field means "the engine picks": threads = CPUs
+//! [`Choice::Auto`] in an [`EngineConfig`] field means "the engine picks"
+//! ([`tune::choose_geometry`], a pure function): threads = CPUs
 //! in this process's affinity mask; queue depth and chunk size by device kind
 //! ([`DeviceKind`], measured in PERF.md): 2 reads of 1 MiB per worker on
 //! inline devices (zram); on queued devices (loop, NVMe) 1 MiB reads, as many
@@ -59,22 +60,23 @@ mod tune;
 mod worker;
 
 pub use salvage::{PIECE_BYTES as SALVAGE_PIECE_BYTES, RETRIES_MAX, is_range_error};
-pub use tune::DeviceKind;
+pub use tune::{Choice, DeviceKind, GeometryError};
 
-use crate::dirty::Extent;
+use crate::geom::ByteExtent;
 use crate::source::SourceDevice;
+use crate::uring::KernelBuffers;
 use hdrhistogram::Histogram;
 use io_uring::{IoUring, opcode};
 use plan::{Chunk, Cursor, Geometry};
 use pool::BufferPool;
 use std::fs::File;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+use tune::{DeviceFacts, ReadGeometry};
 use worker::{WorkerReport, WorkerRing};
 
 /// Worker threads at most.
@@ -94,20 +96,21 @@ const _: () = assert!(QUEUE_DEPTH_MAX <= u16::MAX as u32);
 const _: () = assert!(tune::CHUNK_BYTES_INLINE.is_multiple_of(BUFFER_ALIGN_BYTES_MIN));
 const _: () = assert!(tune::CHUNK_BYTES_QUEUED.is_multiple_of(BUFFER_ALIGN_BYTES_MIN));
 
-/// How the engine reads. `0` in a field means "pick the default" (see the
-/// module documentation); `Default` is all zeros.
+/// How the engine reads. [`Choice::Auto`] in a field means "pick the
+/// default" (see the module documentation); `Default` leaves everything to
+/// the engine, unpaced, at the thread's own priority.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Worker threads, each with its own ring. 0 = the number of CPUs in
+    /// Worker threads, each with its own ring. Auto = the number of CPUs in
     /// this process's affinity mask.
-    pub threads: usize,
-    /// Reads in flight per ring (`-queue-depth`). 0 = by device kind.
-    pub queue_depth: u32,
+    pub threads: Choice<usize>,
+    /// Reads in flight per ring (`-queue-depth`). Auto = by device kind.
+    pub queue_depth: Choice<u32>,
     /// Largest read in bytes (`--chunk`), rounded down to the logical block
-    /// size (at least one block). 0 = by device kind. Not capped to the
+    /// size (at least one block). Auto = by device kind. Not capped to the
     /// queue's `max_sectors_kb`: the kernel splits larger reads more cheaply
     /// than we can issue small ones.
-    pub chunk_bytes: u32,
+    pub chunk_bytes: Choice<u32>,
     /// Bytes per second at most, all workers together (`--max-rate`);
     /// 0 = as fast as the device goes. Reads are spaced evenly, not sent
     /// in bursts.
@@ -257,6 +260,77 @@ pub struct ReadStats {
     pub elapsed: Duration,
 }
 
+/// Every way the engine itself fails: what [`Engine::new`] returns, and
+/// the error object of a failed read call when the failure was the
+/// engine's (not an error of `deliver` or `report`, which come back as
+/// they were returned), so that the top level can find it with
+/// `anyhow::Error::downcast_ref::<EngineError>()` and map it. Each variant
+/// displays as the engine's errors always have.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Unavailable(#[from] IoUringUnavailable),
+    /// The config asks for what the engine cannot do.
+    #[error(transparent)]
+    Config(GeometryError),
+    /// The device cannot be read with O_DIRECT as it reports itself.
+    #[error("{}: {error}", device.display())]
+    Device {
+        device: PathBuf,
+        error: GeometryError,
+    },
+    #[error(
+        "read buffers of {slot_count} x {slot_bytes} bytes exceed the limit of {limit_mib} MiB; \
+         use a smaller chunk, queue depth or thread count"
+    )]
+    PoolTooLarge {
+        slot_count: usize,
+        slot_bytes: usize,
+        limit_mib: u64,
+    },
+    #[error("cannot allocate {bytes} bytes of read buffers: {error}")]
+    PoolAlloc { bytes: usize, error: io::Error },
+    #[error("cannot duplicate the descriptor of {}: {error}", device.display())]
+    Duplicate { device: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    #[error(
+        "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
+         device (planned for a device of {device_bytes} bytes; did it shrink?)",
+        device.display()
+    )]
+    EndOfDevice {
+        device: PathBuf,
+        offset_bytes: u64,
+        len_bytes: u64,
+        device_bytes: u64,
+    },
+    #[error(
+        "short read of {got_bytes} bytes at byte offset {offset_bytes} of {} is not a \
+         whole number of {block_bytes}-byte blocks",
+        device.display()
+    )]
+    ShortRead {
+        device: PathBuf,
+        got_bytes: u32,
+        offset_bytes: u64,
+        block_bytes: u64,
+    },
+    /// `io_uring_enter` failed ([`crate::uring::EnterError`], with the
+    /// device); the ring is not entered again.
+    #[error("{reason}")]
+    Ring { reason: String },
+    #[error("the read engine is unusable after an earlier io_uring failure: {reason}")]
+    Unusable { reason: String },
+    #[error("cannot start read worker {worker_index}: {error}")]
+    WorkerStart {
+        worker_index: usize,
+        error: io::Error,
+    },
+}
+
 /// The stop flag was set: the call returned early, with no read in flight.
 #[derive(Debug, thiserror::Error)]
 #[error("stopped before every read was done")]
@@ -312,10 +386,11 @@ fn read_error_advice(errno: Option<i32>) -> &'static str {
 }
 
 pub struct Engine {
-    // Dropped explicitly in `Drop`: the rings (holding the registration)
-    // before the pool, and the pool not at all if a read was abandoned.
+    // Field order matters for drop: the rings (holding the registration)
+    // before the pool, and the pool not at all if a read was abandoned
+    // (`Drop` marks it; the rule is `uring`'s).
     workers: Box<[Mutex<WorkerRing>]>,
-    pool: ManuallyDrop<BufferPool>,
+    pool: KernelBuffers<BufferPool>,
     /// Our own descriptor of the device (a dup: the engine does not borrow
     /// the `SourceDevice`).
     _file: File,
@@ -331,107 +406,59 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(device: &SourceDevice, config: EngineConfig) -> anyhow::Result<Engine> {
+    pub fn new(device: &SourceDevice, config: EngineConfig) -> Result<Engine, EngineError> {
         probe_io_uring()?;
-        let logical_block_bytes = device.logical_block_bytes;
-        anyhow::ensure!(
-            logical_block_bytes.is_power_of_two() && logical_block_bytes >= 512,
-            "{}: logical block size {logical_block_bytes} is not a power of two of at least 512",
-            device.path.display()
-        );
-        anyhow::ensure!(
-            device
-                .size_bytes
-                .is_multiple_of(u64::from(logical_block_bytes)),
-            "{}: size {} is not a multiple of its logical block size {logical_block_bytes}",
-            device.path.display(),
-            device.size_bytes
-        );
-        let device_kind = DeviceKind::detect(&device.disk_name);
         let core_ids = core_affinity::get_core_ids().filter(|ids| !ids.is_empty());
-        let paced = (config.paced || config.max_rate_bytes_per_second > 0)
-            .then(|| tune::paced_geometry(device_kind, config.max_rate_bytes_per_second));
-        let threads = match (config.threads, paced) {
-            (0, Some(paced)) => paced.threads,
-            (0, None) => core_ids.as_ref().map_or(1, Vec::len),
-            (threads, _) => threads,
+        let facts = DeviceFacts {
+            kind: DeviceKind::detect(&device.disk_name),
+            device_bytes: device.size_bytes,
+            logical_block_bytes: device.logical_block_bytes,
+            cpu_count: core_ids.as_ref().map(Vec::len),
+            in_flight_budget_bytes: tune::in_flight_bytes_budget(),
         };
-        anyhow::ensure!(
-            threads <= THREADS_MAX,
-            "{threads} threads: at most {THREADS_MAX}"
-        );
-        let chunk_bytes = resolve_chunk_bytes(
-            match (config.chunk_bytes, paced) {
-                (0, Some(paced)) => paced.chunk_bytes,
-                (chunk_bytes, _) => chunk_bytes,
-            },
-            device_kind,
-            logical_block_bytes,
-        );
-        let queue_depth = match (config.queue_depth, paced) {
-            (0, Some(paced)) => paced.queue_depth,
-            (0, None) => device_kind.queue_depth_default(threads, chunk_bytes),
-            (queue_depth, _) => queue_depth,
-        };
-        anyhow::ensure!(
-            queue_depth <= QUEUE_DEPTH_MAX,
-            "queue depth {queue_depth}: at most {QUEUE_DEPTH_MAX}"
-        );
-        let align_bytes = logical_block_bytes.max(BUFFER_ALIGN_BYTES_MIN);
-        // A slot is whole alignment units so every slot start stays aligned.
-        let slot_bytes = chunk_bytes.next_multiple_of(align_bytes);
-        let pool = BufferPool::new(
-            threads * queue_depth as usize,
-            slot_bytes as usize,
-            align_bytes as usize,
-        )?;
-        let file = device.file.try_clone().map_err(|err| {
-            anyhow::anyhow!(
-                "cannot duplicate the descriptor of {}: {err}",
-                device.path.display()
-            )
-        })?;
-        let mut notes = Vec::new();
-        let mut workers = Vec::with_capacity(threads);
-        for worker_index in 0..threads {
-            let slot_ptrs: Box<[*mut u8]> = (0..queue_depth as usize)
-                .map(|i| pool.slot_ptr(worker_index * queue_depth as usize + i))
-                .collect();
-            // SAFETY: these slots are this worker's alone, slot_bytes long and
-            // aligned; the pool outlives the ring (dropped after it in Drop,
-            // or leaked if a read was abandoned).
-            let mut ring = unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, slot_bytes) }
-                .map_err(|err| io_uring_error("cannot create a ring", err))?;
-            if let Some(note) = &ring.registration_note {
-                notes.push(format!("worker {worker_index}: {note}"));
+        let geometry = tune::choose_geometry(&facts, &config).map_err(|error| {
+            if error.is_about_the_device() {
+                EngineError::Device {
+                    device: device.path.clone(),
+                    error,
+                }
+            } else {
+                EngineError::Config(error)
             }
-            ring.ioprio = config.ioprio;
-            workers.push(Mutex::new(ring));
-        }
-        let registered_buffers = workers.iter_mut().all(|w| {
-            w.get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .registered_buffers()
-        });
-        let cores: Box<[Option<core_affinity::CoreId>]> = (0..threads)
+        })?;
+        let pool = BufferPool::new(
+            geometry.threads * geometry.queue_depth as usize,
+            geometry.slot_bytes as usize,
+            geometry.align_bytes as usize,
+        )?;
+        let file = device
+            .file
+            .try_clone()
+            .map_err(|error| EngineError::Duplicate {
+                device: device.path.clone(),
+                error,
+            })?;
+        let mut notes = Vec::new();
+        let workers = Self::rings(&pool, &file, geometry, config.ioprio, &mut notes)?;
+        let cores: Box<[Option<core_affinity::CoreId>]> = (0..geometry.threads)
             .map(|i| core_ids.as_ref().map(|ids| ids[i % ids.len()]))
             .collect();
         if core_ids.is_none() {
             notes.push("cannot read the CPU affinity mask: workers are not pinned".to_string());
         }
         let settings = EngineSettings {
-            threads,
-            queue_depth,
-            chunk_bytes,
-            device_kind,
-            logical_block_bytes,
-            registered_buffers,
+            threads: geometry.threads,
+            queue_depth: geometry.queue_depth,
+            chunk_bytes: geometry.chunk_bytes,
+            device_kind: facts.kind,
+            logical_block_bytes: facts.logical_block_bytes,
+            registered_buffers: workers.iter().all(|w| lock(w).registered_buffers()),
             pool_bytes: pool.total_bytes(),
             notes,
         };
         Ok(Engine {
-            workers: workers.into_boxed_slice(),
-            pool: ManuallyDrop::new(pool),
+            workers,
+            pool: KernelBuffers::new(pool),
             _file: file,
             device_path: device.path.clone(),
             device_bytes: device.size_bytes,
@@ -440,6 +467,36 @@ impl Engine {
             run_lock: Mutex::new(()),
             pacer: Pacer::new(config.max_rate_bytes_per_second),
         })
+    }
+
+    /// One ring per worker, each with its own run of `queue_depth` slots of
+    /// the pool registered; why any registration fell back goes to `notes`.
+    fn rings(
+        pool: &BufferPool,
+        file: &File,
+        geometry: ReadGeometry,
+        ioprio: u16,
+        notes: &mut Vec<String>,
+    ) -> Result<Box<[Mutex<WorkerRing>]>, EngineError> {
+        let queue_depth = geometry.queue_depth as usize;
+        let mut workers = Vec::with_capacity(geometry.threads);
+        for worker_index in 0..geometry.threads {
+            let slot_ptrs: Box<[*mut u8]> = (0..queue_depth)
+                .map(|i| pool.slot_ptr(worker_index * queue_depth + i))
+                .collect();
+            // SAFETY: these slots are this worker's alone, slot_bytes long and
+            // aligned; the pool outlives the ring (dropped after it in Drop,
+            // or leaked if a read was abandoned).
+            let mut ring =
+                unsafe { WorkerRing::new(file.as_raw_fd(), slot_ptrs, geometry.slot_bytes) }
+                    .map_err(|err| io_uring_error("cannot create a ring", err))?;
+            if let Some(note) = &ring.registration_note {
+                notes.push(format!("worker {worker_index}: {note}"));
+            }
+            ring.ioprio = ioprio;
+            workers.push(Mutex::new(ring));
+        }
+        Ok(workers.into_boxed_slice())
     }
 
     /// Changes the rate limit, also while reads run; 0 = no limit.
@@ -471,7 +528,7 @@ impl Engine {
     /// keeps what reads around an unreadable range instead.
     pub fn read_extents(
         &self,
-        extents: &[Extent],
+        extents: &[ByteExtent],
         deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
         progress: Option<&AtomicU64>,
         stop: &AtomicBool,
@@ -486,7 +543,7 @@ impl Engine {
     /// then counts unreadable bytes too, so that it reaches the total.
     pub fn read_extents_salvaging(
         &self,
-        extents: &[Extent],
+        extents: &[ByteExtent],
         deliver: &(dyn Fn(ReadDone<'_>) -> anyhow::Result<()> + Sync),
         salvage: Option<&Salvage<'_>>,
         progress: Option<&AtomicU64>,
@@ -503,7 +560,7 @@ impl Engine {
             geometry.check_extent(extent);
         }
         if stop.load(Ordering::Relaxed) {
-            return Err(Stopped.into());
+            return Err(EngineError::Stopped(Stopped).into());
         }
         let job = Job {
             device: &self.device_path,
@@ -521,13 +578,27 @@ impl Engine {
         let crew = (geometry
             .read_count_max(extents)
             .min(self.workers.len() as u64)) as usize;
+        let reports = self.run_crew(&job, crew);
+        if let Some(err) = job
+            .first_error
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Err(err);
+        }
+        Ok(self.merge_stats(&reports, started.elapsed()))
+    }
+
+    /// Runs the first `crew` workers on `job`, each on a scoped thread
+    /// pinned to its core, until they are done; re-raises a worker's panic
+    /// once all have returned.
+    fn run_crew(&self, job: &Job<'_>, crew: usize) -> Vec<WorkerReport> {
         let mut reports: Vec<WorkerReport> = Vec::with_capacity(crew);
         let mut panic_payload = None;
         std::thread::scope(|scope| {
             let mut handles = Vec::with_capacity(crew);
             for (worker_index, worker) in self.workers.iter().enumerate().take(crew) {
                 let core = self.cores[worker_index];
-                let job = &job;
                 let spawned = std::thread::Builder::new()
                     .name(format!("hc-read-{worker_index}"))
                     .spawn_scoped(scope, move || {
@@ -539,10 +610,11 @@ impl Engine {
                     });
                 match spawned {
                     Ok(handle) => handles.push(handle),
-                    Err(err) => {
-                        job.fail(anyhow::anyhow!(
-                            "cannot start read worker {worker_index}: {err}"
-                        ));
+                    Err(error) => {
+                        job.fail_with(EngineError::WorkerStart {
+                            worker_index,
+                            error,
+                        });
                         break;
                     }
                 }
@@ -557,21 +629,19 @@ impl Engine {
         if let Some(payload) = panic_payload {
             std::panic::resume_unwind(payload);
         }
-        if let Some(err) = job
-            .first_error
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            return Err(err);
-        }
+        reports
+    }
+
+    /// One call's stats from its workers' reports and latency histograms.
+    fn merge_stats(&self, reports: &[WorkerReport], elapsed: Duration) -> ReadStats {
         let mut latency_us = Histogram::new_with_bounds(1, worker::LATENCY_US_MAX, 3)
             .expect("constant histogram bounds are valid");
-        for worker in self.workers.iter().take(crew) {
+        for worker in self.workers.iter().take(reports.len()) {
             latency_us
                 .add(&lock(worker).latency_us)
                 .expect("histograms of the same bounds merge");
         }
-        Ok(ReadStats {
+        ReadStats {
             bytes_read: reports.iter().map(|r| r.bytes_read).sum(),
             bytes_unreadable: reports.iter().map(|r| r.bytes_unreadable).sum(),
             chunks_salvaged: reports.iter().map(|r| r.chunks_salvaged).sum(),
@@ -579,8 +649,8 @@ impl Engine {
             retry_reads: reports.iter().map(|r| r.retry_reads).sum(),
             reads: reports.iter().map(|r| r.reads).sum(),
             latency_us,
-            elapsed: started.elapsed(),
-        })
+            elapsed,
+        }
     }
 }
 
@@ -622,15 +692,11 @@ impl Drop for Engine {
                 .unwrap_or_else(PoisonError::into_inner)
                 .abandoned_reads
         });
-        // Close the rings (and their registration) first.
-        drop(std::mem::take(&mut self.workers));
         if abandoned_reads {
             // The kernel may still write into these buffers: never free them.
-            return;
+            self.pool.abandon();
         }
-        // SAFETY: dropped exactly once, here; no ring and no read in flight
-        // refers to it any more.
-        unsafe { ManuallyDrop::drop(&mut self.pool) }
+        // Then the fields drop in order: the rings, then the pool.
     }
 }
 
@@ -691,18 +757,23 @@ impl Job<'_> {
     /// Halts the job if the caller set the stop flag.
     pub fn poll_stop(&self) {
         if !self.is_halted() && self.stop.load(Ordering::Relaxed) {
-            self.fail(Stopped.into());
+            self.fail_with(EngineError::Stopped(Stopped));
         }
     }
 
     /// Fails the job for a read that found the device shorter than planned.
-    pub fn fail_at_end_of_device(&self, offset_bytes: u64, len_bytes: impl std::fmt::Display) {
-        self.fail(anyhow::anyhow!(
-            "read of {len_bytes} bytes at byte offset {offset_bytes} of {} returned end of \
-             device (planned for a device of {} bytes; did it shrink?)",
-            self.device.display(),
-            self.geometry.device_bytes
-        ));
+    pub fn fail_at_end_of_device(&self, offset_bytes: u64, len_bytes: u64) {
+        self.fail_with(EngineError::EndOfDevice {
+            device: self.device.to_path_buf(),
+            offset_bytes,
+            len_bytes,
+            device_bytes: self.geometry.device_bytes,
+        });
+    }
+
+    /// Fails the job with an error of the engine's own.
+    pub fn fail_with(&self, err: EngineError) {
+        self.fail(anyhow::Error::new(err));
     }
 
     /// Records `err` unless an error came first, and halts the job.
@@ -721,16 +792,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn resolve_chunk_bytes(requested_bytes: u32, kind: DeviceKind, logical_block_bytes: u32) -> u32 {
-    let bytes = match requested_bytes {
-        0 => kind.chunk_bytes_default(),
-        bytes => bytes,
-    };
-    let bytes = bytes.min(CHUNK_BYTES_MAX);
-    (bytes - bytes % logical_block_bytes).max(logical_block_bytes)
-}
-
-fn io_uring_error(what: &str, err: io::Error) -> anyhow::Error {
+fn io_uring_error(what: &str, err: io::Error) -> IoUringUnavailable {
     let reason = match err.raw_os_error() {
         Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS)".to_string(),
         Some(libc::EPERM) => format!(
@@ -739,12 +801,12 @@ fn io_uring_error(what: &str, err: io::Error) -> anyhow::Error {
         ),
         _ => format!("{what}: {err}"),
     };
-    IoUringUnavailable { reason }.into()
+    IoUringUnavailable { reason }
 }
 
 /// Checks that io_uring exists, may be used, and can read (`READ`,
 /// `READ_FIXED`), and says which of these fails.
-pub fn probe_io_uring() -> anyhow::Result<()> {
+pub fn probe_io_uring() -> Result<(), IoUringUnavailable> {
     let ring: IoUring = IoUring::new(2).map_err(|err| io_uring_error("io_uring_setup", err))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
@@ -761,8 +823,7 @@ pub fn probe_io_uring() -> anyhow::Result<()> {
         if !probe.is_supported(code) {
             return Err(IoUringUnavailable {
                 reason: format!("the kernel does not support {name}"),
-            }
-            .into());
+            });
         }
     }
     Ok(())
@@ -773,16 +834,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunk_sizes_round_down_to_the_block_and_stay_in_bounds() {
-        let queued = DeviceKind::Queued;
+    fn engine_errors_read_as_they_did_before_they_were_typed() {
+        let end = EngineError::EndOfDevice {
+            device: PathBuf::from("/dev/loop7"),
+            offset_bytes: 4096,
+            len_bytes: 512,
+            device_bytes: 8192,
+        };
         assert_eq!(
-            resolve_chunk_bytes(0, queued, 512),
-            tune::CHUNK_BYTES_QUEUED
+            end.to_string(),
+            "read of 512 bytes at byte offset 4096 of /dev/loop7 returned end of device \
+             (planned for a device of 8192 bytes; did it shrink?)"
         );
-        assert_eq!(resolve_chunk_bytes(1_000_000, queued, 4096), 999_424);
-        assert_eq!(resolve_chunk_bytes(1_000_000, queued, 512), 999_936);
-        assert_eq!(resolve_chunk_bytes(100, queued, 4096), 4096);
-        assert_eq!(resolve_chunk_bytes(u32::MAX, queued, 4096), CHUNK_BYTES_MAX);
+        let stopped = anyhow::Error::new(EngineError::Stopped(Stopped));
+        assert_eq!(stopped.to_string(), "stopped before every read was done");
+        assert_eq!(stopped.chain().count(), 1);
+        // Transparent: the causes printed under it are the read error's.
+        let read = anyhow::Error::new(EngineError::Read(ReadError {
+            device: PathBuf::from("/dev/loop7"),
+            offset_bytes: 0,
+            len_bytes: 512,
+            retry_count: 0,
+            source: io::Error::from_raw_os_error(libc::EIO),
+        }));
+        let causes: Vec<String> = read.chain().map(|c| c.to_string()).collect();
+        assert_eq!(causes.len(), 2, "{causes:?}");
+        assert_eq!(
+            causes[1],
+            io::Error::from_raw_os_error(libc::EIO).to_string()
+        );
+        assert!(matches!(read.downcast_ref(), Some(EngineError::Read(_))));
+        let device = EngineError::Device {
+            device: PathBuf::from("/dev/sdz"),
+            error: GeometryError::LogicalBlock(1000),
+        };
+        assert_eq!(
+            device.to_string(),
+            "/dev/sdz: logical block size 1000 is not a power of two of at least 512"
+        );
     }
 
     #[test]

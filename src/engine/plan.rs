@@ -2,9 +2,7 @@
 //! size, clamped to the device end, and cut into reads of at most one chunk.
 //! Pure arithmetic, no I/O, so it is unit-tested here.
 
-use crate::dirty::Extent;
-
-pub(crate) use crate::geom::SECTOR_BYTES;
+use crate::geom::{ByteExtent, SECTOR_BYTES};
 
 /// The device facts and the chunk size the plan needs. All sizes in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +38,7 @@ impl Geometry {
     /// `extent` widened outward to whole logical blocks and clamped to the
     /// device end; `None` when that leaves nothing (an empty extent; one
     /// starting past the end is refused earlier by [`Geometry::check_extent`]).
-    pub fn widen(&self, extent: &Extent) -> Option<Span> {
+    pub fn widen(&self, extent: &ByteExtent) -> Option<Span> {
         let offset_bytes = extent.offset_bytes - extent.offset_bytes % self.block_bytes;
         let end_bytes = extent
             .end_bytes()
@@ -56,10 +54,9 @@ impl Geometry {
     /// The caller's promise: whole sectors, starting on the device. An extent
     /// that runs past the device end is clamped; one that starts past it is a
     /// bug upstream (the dirty map clamps to the device), so it panics.
-    pub fn check_extent(&self, extent: &Extent) {
+    pub fn check_extent(&self, extent: &ByteExtent) {
         assert!(
-            extent.offset_bytes.is_multiple_of(SECTOR_BYTES)
-                && extent.len_bytes.is_multiple_of(SECTOR_BYTES),
+            extent.is_whole_sectors(),
             "extent {extent:?} is not a whole number of 512-byte sectors"
         );
         assert!(
@@ -68,14 +65,14 @@ impl Geometry {
             self.device_bytes
         );
         assert!(
-            extent.offset_bytes.checked_add(extent.len_bytes).is_some(),
+            extent.checked_end_bytes().is_some(),
             "extent {extent:?} overflows"
         );
     }
 
     /// Reads the extents take once widened, without merging neighbours: an
     /// upper bound on what [`Cursor`] hands out, used to size the crew.
-    pub fn read_count_max(&self, extents: &[Extent]) -> u64 {
+    pub fn read_count_max(&self, extents: &[ByteExtent]) -> u64 {
         extents
             .iter()
             .filter_map(|e| self.widen(e))
@@ -110,7 +107,7 @@ pub(crate) struct Chunk {
 #[derive(Debug)]
 pub(crate) struct Cursor<'a> {
     geometry: Geometry,
-    extents: &'a [Extent],
+    extents: &'a [ByteExtent],
     /// The next extent to widen.
     extent_index_next: usize,
     /// Where the current span started (it may have been extended).
@@ -121,7 +118,7 @@ pub(crate) struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    pub fn new(geometry: Geometry, extents: &'a [Extent]) -> Cursor<'a> {
+    pub fn new(geometry: Geometry, extents: &'a [ByteExtent]) -> Cursor<'a> {
         Cursor {
             geometry,
             extents,
@@ -176,8 +173,8 @@ mod tests {
     const KIB: u64 = 1024;
     const MIB: u64 = 1024 * KIB;
 
-    fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
-        Extent {
+    fn extent(offset_bytes: u64, len_bytes: u64) -> ByteExtent {
+        ByteExtent {
             offset_bytes,
             len_bytes,
         }
@@ -190,7 +187,7 @@ mod tests {
         }
     }
 
-    fn all_chunks(geometry: Geometry, extents: &[Extent]) -> Vec<Chunk> {
+    fn all_chunks(geometry: Geometry, extents: &[ByteExtent]) -> Vec<Chunk> {
         let mut cursor = Cursor::new(geometry, extents);
         let mut chunks = Vec::new();
         while let Some(c) = cursor.next_chunk() {

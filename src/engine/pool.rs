@@ -10,6 +10,7 @@
 //! on a direct-io loop device doubled read throughput (PERF.md, "main
 //! pass"). Where the kernel gives no huge pages it is still correct.
 
+use super::EngineError;
 use std::ptr::NonNull;
 
 /// Bytes the pool may take in all: the buffers are registered with the rings
@@ -44,7 +45,7 @@ impl BufferPool {
         slot_count: usize,
         slot_bytes: usize,
         align_bytes: usize,
-    ) -> anyhow::Result<BufferPool> {
+    ) -> Result<BufferPool, EngineError> {
         assert!(align_bytes.is_power_of_two());
         assert!(slot_count > 0 && slot_bytes > 0);
         assert!(
@@ -54,12 +55,10 @@ impl BufferPool {
         let total_bytes = slot_count
             .checked_mul(slot_bytes)
             .filter(|&bytes| bytes as u64 <= POOL_BYTES_MAX)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "read buffers of {slot_count} x {slot_bytes} bytes exceed the limit of {} MiB; \
-                     use a smaller chunk, queue depth or thread count",
-                    POOL_BYTES_MAX >> 20
-                )
+            .ok_or(EngineError::PoolTooLarge {
+                slot_count,
+                slot_bytes,
+                limit_mib: POOL_BYTES_MAX >> 20,
             })?;
         let align = align_bytes.max(HUGE_PAGE_BYTES);
         let mapping_bytes = total_bytes + align;
@@ -77,10 +76,10 @@ impl BufferPool {
             )
         };
         if mapping == libc::MAP_FAILED {
-            anyhow::bail!(
-                "cannot allocate {total_bytes} bytes of read buffers: {}",
-                std::io::Error::last_os_error()
-            );
+            return Err(EngineError::PoolAlloc {
+                bytes: total_bytes,
+                error: std::io::Error::last_os_error(),
+            });
         }
         let mapping = NonNull::new(mapping.cast::<u8>()).expect("mmap succeeded");
         let offset = (align - mapping.as_ptr() as usize % align) % align;

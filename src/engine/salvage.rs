@@ -44,6 +44,8 @@
 //! of it). Retries ([`SalvagePlan::retries`]) are spent on single blocks
 //! only: retrying a large read that already failed buys nothing.
 
+use crate::geom::SECTOR_BYTES;
+
 /// Pieces a failed chunk is re-read in before going block by block.
 pub const PIECE_BYTES: u64 = 64 << 10;
 
@@ -123,7 +125,7 @@ pub fn salvage(
     halted: &dyn Fn() -> bool,
 ) -> Result<Salvaged, SalvageStop> {
     let block_bytes = plan.block_bytes;
-    assert!(block_bytes.is_power_of_two() && block_bytes >= 512);
+    assert!(block_bytes.is_power_of_two() && block_bytes >= SECTOR_BYTES);
     assert!(offset_bytes.is_multiple_of(block_bytes));
     assert!((buf.len() as u64).is_multiple_of(block_bytes));
     let piece_bytes = PIECE_BYTES.max(block_bytes);

@@ -17,7 +17,158 @@
 //! helped on loop too; `IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN` (which
 //! would tie a ring to one thread for life) showed no gain on either.
 
+use super::{BUFFER_ALIGN_BYTES_MIN, CHUNK_BYTES_MAX, EngineConfig, QUEUE_DEPTH_MAX, THREADS_MAX};
+use crate::geom::SECTOR_BYTES;
 use std::path::Path;
+
+/// A setting the caller may leave to the engine: [`Choice::Auto`] lets it
+/// pick from the device's facts (see [`choose_geometry`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Choice<T> {
+    #[default]
+    Auto,
+    Value(T),
+}
+
+impl<T: Default + PartialEq> Choice<T> {
+    /// A command-line value, whose documented 0 means "choose for me".
+    pub fn zero_is_auto(value: T) -> Choice<T> {
+        if value == T::default() {
+            Choice::Auto
+        } else {
+            Choice::Value(value)
+        }
+    }
+}
+
+/// What the engine's geometry depends on, gathered once by `Engine::new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DeviceFacts {
+    pub kind: DeviceKind,
+    pub device_bytes: u64,
+    pub logical_block_bytes: u32,
+    /// CPUs in this process's affinity mask; `None` when unreadable.
+    pub cpu_count: Option<usize>,
+    /// [`in_flight_bytes_budget`] on this machine.
+    pub in_flight_budget_bytes: u64,
+}
+
+/// How the engine reads, resolved from its config and the device's facts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReadGeometry {
+    pub threads: usize,
+    pub queue_depth: u32,
+    /// A positive multiple of the logical block, at most [`CHUNK_BYTES_MAX`].
+    pub chunk_bytes: u32,
+    /// Every buffer starts on a multiple of this: the logical block, at
+    /// least a page.
+    pub align_bytes: u32,
+    /// Bytes per buffer slot: `chunk_bytes` rounded up to `align_bytes`, so
+    /// that every slot of the pool starts aligned.
+    pub slot_bytes: u32,
+}
+
+/// A config or a device the engine cannot read with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    #[error("logical block size {0} is not a power of two of at least 512")]
+    LogicalBlock(u32),
+    #[error(
+        "size {device_bytes} is not a multiple of its logical block size {logical_block_bytes}"
+    )]
+    SizeNotBlockMultiple {
+        device_bytes: u64,
+        logical_block_bytes: u32,
+    },
+    #[error("{0} threads: at most {THREADS_MAX}")]
+    TooManyThreads(usize),
+    #[error("queue depth {0}: at most {QUEUE_DEPTH_MAX}")]
+    QueueTooDeep(u32),
+    #[error("{0} of 0: at least 1 (leave it to the engine instead)")]
+    Zero(&'static str),
+}
+
+impl GeometryError {
+    /// The error is about the device, not the config: say which device.
+    pub fn is_about_the_device(&self) -> bool {
+        matches!(
+            self,
+            GeometryError::LogicalBlock(_) | GeometryError::SizeNotBlockMultiple { .. }
+        )
+    }
+}
+
+/// Threads, queue depth, read size and buffer alignment from the device's
+/// facts and the config: each [`Choice::Auto`] by the defaults the `engine`
+/// module documentation lists (paced reads by [`paced_geometry`], otherwise
+/// by [`DeviceKind`]), each value as given, the read size rounded down to
+/// the logical block (at least one) and capped at [`CHUNK_BYTES_MAX`].
+pub(crate) fn choose_geometry(
+    facts: &DeviceFacts,
+    config: &EngineConfig,
+) -> Result<ReadGeometry, GeometryError> {
+    let block_bytes = facts.logical_block_bytes;
+    if !block_bytes.is_power_of_two() || u64::from(block_bytes) < SECTOR_BYTES {
+        return Err(GeometryError::LogicalBlock(block_bytes));
+    }
+    if !facts.device_bytes.is_multiple_of(u64::from(block_bytes)) {
+        return Err(GeometryError::SizeNotBlockMultiple {
+            device_bytes: facts.device_bytes,
+            logical_block_bytes: block_bytes,
+        });
+    }
+    let rate = config.max_rate_bytes_per_second;
+    let paced = (config.paced || rate > 0).then(|| paced_geometry(facts.kind, rate));
+    let threads = match (config.threads, paced) {
+        (Choice::Value(threads), _) => threads,
+        (Choice::Auto, Some(paced)) => paced.threads,
+        (Choice::Auto, None) => facts.cpu_count.unwrap_or(1),
+    };
+    if threads == 0 {
+        return Err(GeometryError::Zero("threads"));
+    }
+    if threads > THREADS_MAX {
+        return Err(GeometryError::TooManyThreads(threads));
+    }
+    let chunk_bytes = round_chunk_bytes(
+        match (config.chunk_bytes, paced) {
+            (Choice::Value(chunk_bytes), _) => chunk_bytes,
+            (Choice::Auto, Some(paced)) => paced.chunk_bytes,
+            (Choice::Auto, None) => facts.kind.chunk_bytes_default(),
+        },
+        block_bytes,
+    );
+    let queue_depth = match (config.queue_depth, paced) {
+        (Choice::Value(queue_depth), _) => queue_depth,
+        (Choice::Auto, Some(paced)) => paced.queue_depth,
+        (Choice::Auto, None) => {
+            facts
+                .kind
+                .queue_depth_default(threads, chunk_bytes, facts.in_flight_budget_bytes)
+        }
+    };
+    if queue_depth == 0 {
+        return Err(GeometryError::Zero("queue depth"));
+    }
+    if queue_depth > QUEUE_DEPTH_MAX {
+        return Err(GeometryError::QueueTooDeep(queue_depth));
+    }
+    let align_bytes = block_bytes.max(BUFFER_ALIGN_BYTES_MIN);
+    Ok(ReadGeometry {
+        threads,
+        queue_depth,
+        chunk_bytes,
+        align_bytes,
+        slot_bytes: chunk_bytes.next_multiple_of(align_bytes),
+    })
+}
+
+/// `requested_bytes` rounded down to the logical block, at least one block,
+/// at most [`CHUNK_BYTES_MAX`].
+fn round_chunk_bytes(requested_bytes: u32, block_bytes: u32) -> u32 {
+    let bytes = requested_bytes.min(CHUNK_BYTES_MAX);
+    (bytes - bytes % block_bytes).max(block_bytes)
+}
 
 /// How a device completes reads, as far as the engine's defaults care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +205,8 @@ impl DeviceKind {
     /// for `threads` workers reading `chunk_bytes` each.
     ///
     /// Inline devices: [`QUEUE_DEPTH_INLINE`]. Queued devices: as many as
-    /// fit the in-flight budget ([`in_flight_bytes_budget`]) shared by the
+    /// fit the in-flight budget (`budget_bytes`, [`in_flight_bytes_budget`]
+    /// on this machine) shared by the
     /// workers, within [`QUEUE_DEPTH_QUEUED_MIN`, `QUEUE_DEPTH_QUEUED_MAX`].
     /// On the direct-io loop device here, with buffers in huge pages
     /// (`pool.rs`), two workers reached 3.09 GB/s at 4 reads of 1 MiB in
@@ -63,11 +215,11 @@ impl DeviceKind {
     /// little throughput and a lot of latency that the live workload shares.
     /// (With 4 KiB pages, throughput had followed the bytes in flight up to
     /// about 256 MiB; huge pages removed that need.)
-    pub fn queue_depth_default(self, threads: usize, chunk_bytes: u32) -> u32 {
+    pub fn queue_depth_default(self, threads: usize, chunk_bytes: u32, budget_bytes: u64) -> u32 {
         match self {
             DeviceKind::Inline => QUEUE_DEPTH_INLINE,
             DeviceKind::Queued => {
-                let per_worker_bytes = in_flight_bytes_budget() / threads.max(1) as u64;
+                let per_worker_bytes = budget_bytes / threads.max(1) as u64;
                 let depth = per_worker_bytes / u64::from(chunk_bytes.max(1));
                 depth.clamp(
                     u64::from(QUEUE_DEPTH_QUEUED_MIN),
@@ -217,23 +369,192 @@ mod tests {
         let budget = in_flight_bytes_budget();
         assert!(budget > 0 && budget <= IN_FLIGHT_BYTES_QUEUED_MAX);
         let mib = 1 << 20;
-        let depth = DeviceKind::Queued.queue_depth_default(2, mib);
+        let depth = DeviceKind::Queued.queue_depth_default(2, mib, budget);
         assert_eq!(
             u64::from(depth),
             (budget / 2 / u64::from(mib)).clamp(8, 128),
             "two workers split the budget"
         );
         assert_eq!(
-            DeviceKind::Queued.queue_depth_default(64, mib),
+            DeviceKind::Queued.queue_depth_default(64, mib, budget),
             QUEUE_DEPTH_QUEUED_MIN
         );
         assert_eq!(
-            DeviceKind::Queued.queue_depth_default(1, 4096),
+            DeviceKind::Queued.queue_depth_default(1, 4096, budget),
             QUEUE_DEPTH_QUEUED_MAX
         );
         assert_eq!(
-            DeviceKind::Inline.queue_depth_default(2, mib),
+            DeviceKind::Inline.queue_depth_default(2, mib, budget),
             QUEUE_DEPTH_INLINE
         );
+    }
+
+    const MIB: u32 = 1 << 20;
+
+    fn queued_facts() -> DeviceFacts {
+        DeviceFacts {
+            kind: DeviceKind::Queued,
+            device_bytes: 1 << 30,
+            logical_block_bytes: 512,
+            cpu_count: Some(2),
+            in_flight_budget_bytes: IN_FLIGHT_BYTES_QUEUED_MAX,
+        }
+    }
+
+    fn explicit(threads: usize, queue_depth: u32, chunk_bytes: u32) -> EngineConfig {
+        EngineConfig {
+            threads: Choice::Value(threads),
+            queue_depth: Choice::Value(queue_depth),
+            chunk_bytes: Choice::Value(chunk_bytes),
+            ..EngineConfig::default()
+        }
+    }
+
+    fn shape(geometry: ReadGeometry) -> (usize, u32, u32) {
+        (geometry.threads, geometry.queue_depth, geometry.chunk_bytes)
+    }
+
+    #[test]
+    fn auto_geometry_follows_the_device_kind_and_the_cpus() {
+        let auto = EngineConfig::default();
+        let queued = queued_facts();
+        // Two workers share 16 MiB of 1 MiB reads: 8 each.
+        let geometry = choose_geometry(&queued, &auto).unwrap();
+        assert_eq!(shape(geometry), (2, 8, MIB));
+        assert_eq!((geometry.align_bytes, geometry.slot_bytes), (4096, MIB));
+        // A small machine's budget is smaller, but never below the minimum depth.
+        let small = DeviceFacts {
+            in_flight_budget_bytes: 4 << 20,
+            cpu_count: None,
+            ..queued
+        };
+        assert_eq!(shape(choose_geometry(&small, &auto).unwrap()), (1, 8, MIB));
+        let inline = DeviceFacts {
+            kind: DeviceKind::Inline,
+            cpu_count: Some(4),
+            ..queued
+        };
+        assert_eq!(
+            shape(choose_geometry(&inline, &auto).unwrap()),
+            (4, QUEUE_DEPTH_INLINE, CHUNK_BYTES_INLINE)
+        );
+    }
+
+    #[test]
+    fn paced_geometry_applies_only_to_what_is_left_auto() {
+        let rated = EngineConfig {
+            max_rate_bytes_per_second: 750_000_000,
+            ..EngineConfig::default()
+        };
+        let facts = queued_facts();
+        assert_eq!(
+            shape(choose_geometry(&facts, &rated).unwrap()),
+            (1, 1, 256 << 10)
+        );
+        let adaptive = EngineConfig {
+            paced: true,
+            ..EngineConfig::default()
+        };
+        assert_eq!(
+            shape(choose_geometry(&facts, &adaptive).unwrap()),
+            (1, 1, PACED_CHUNK_BYTES_UNCAPPED)
+        );
+        let deeper = EngineConfig {
+            queue_depth: Choice::Value(4),
+            ..rated
+        };
+        assert_eq!(
+            shape(choose_geometry(&facts, &deeper).unwrap()),
+            (1, 4, 256 << 10)
+        );
+    }
+
+    #[test]
+    fn given_values_are_kept_and_reads_rounded_to_the_block() {
+        let facts = queued_facts();
+        let geometry = choose_geometry(&facts, &explicit(3, 5, 1_000_000)).unwrap();
+        assert_eq!(shape(geometry), (3, 5, 999_936));
+        // The slot is whole pages so that every slot of the pool starts aligned.
+        assert_eq!(geometry.slot_bytes, 245 * 4096);
+        let four_k = DeviceFacts {
+            logical_block_bytes: 4096,
+            ..facts
+        };
+        let geometry = choose_geometry(&four_k, &explicit(1, 1, 1_000_000)).unwrap();
+        assert_eq!(
+            (geometry.chunk_bytes, geometry.slot_bytes),
+            (999_424, 999_424)
+        );
+        assert_eq!(
+            choose_geometry(&four_k, &explicit(1, 1, 100))
+                .unwrap()
+                .chunk_bytes,
+            4096
+        );
+        assert_eq!(
+            choose_geometry(&four_k, &explicit(1, 1, 0))
+                .unwrap()
+                .chunk_bytes,
+            4096
+        );
+        let huge = choose_geometry(&four_k, &explicit(1, 1, u32::MAX)).unwrap();
+        assert_eq!(huge.chunk_bytes, CHUNK_BYTES_MAX);
+        let big_blocks = DeviceFacts {
+            logical_block_bytes: 8192,
+            ..facts
+        };
+        assert_eq!(
+            choose_geometry(&big_blocks, &explicit(1, 1, MIB))
+                .unwrap()
+                .align_bytes,
+            8192
+        );
+    }
+
+    #[test]
+    fn impossible_geometries_are_errors() {
+        let facts = queued_facts();
+        let error = |facts: &DeviceFacts, config: EngineConfig| {
+            choose_geometry(facts, &config).unwrap_err()
+        };
+        assert_eq!(
+            error(&facts, explicit(THREADS_MAX + 1, 1, MIB)),
+            GeometryError::TooManyThreads(THREADS_MAX + 1)
+        );
+        assert!(choose_geometry(&facts, &explicit(THREADS_MAX, 1, MIB)).is_ok());
+        assert_eq!(
+            error(&facts, explicit(1, QUEUE_DEPTH_MAX + 1, MIB)),
+            GeometryError::QueueTooDeep(QUEUE_DEPTH_MAX + 1)
+        );
+        assert_eq!(
+            error(&facts, explicit(0, 1, MIB)),
+            GeometryError::Zero("threads")
+        );
+        assert_eq!(
+            error(&facts, explicit(1, 0, MIB)),
+            GeometryError::Zero("queue depth")
+        );
+        let odd_block = DeviceFacts {
+            logical_block_bytes: 1000,
+            ..facts
+        };
+        let odd = error(&odd_block, EngineConfig::default());
+        assert_eq!(odd, GeometryError::LogicalBlock(1000));
+        assert!(odd.is_about_the_device());
+        let ragged = DeviceFacts {
+            device_bytes: (1 << 30) + 512,
+            logical_block_bytes: 4096,
+            ..facts
+        };
+        assert!(matches!(
+            error(&ragged, EngineConfig::default()),
+            GeometryError::SizeNotBlockMultiple { .. }
+        ));
+    }
+
+    #[test]
+    fn zero_on_the_command_line_means_auto() {
+        assert_eq!(Choice::zero_is_auto(0u32), Choice::Auto);
+        assert_eq!(Choice::zero_is_auto(7usize), Choice::Value(7));
     }
 }

@@ -11,29 +11,25 @@
 //!   call, then frees the slot. A slot is never resubmitted while lent.
 //!
 //! The worker never leaves `run` with a read in flight, not on an error, a
-//! stop or a panic (see [`WorkerRing::run`]), and the engine drops its rings
-//! before the pool, so the kernel never writes into freed memory.
+//! stop or a panic (see [`WorkerRing::run`]): it drains its ring
+//! ([`uring::drain`]), and if even that fails it marks its reads abandoned,
+//! so that the engine leaks the pool ([`uring::KernelBuffers`]) rather than
+//! free memory the kernel may still write (the rule is `uring`'s).
 
 use super::plan::Chunk;
-use super::salvage::{self, SalvagePlan, SalvageStop};
-use super::{Job, ReadDone, ReadError, Salvage, Unreadable};
+use super::salvage::{self, BadSpan, SalvagePlan, SalvageStop, Salvaged};
+use super::{EngineError, Job, ReadDone, ReadError, Salvage, Unreadable};
+use crate::uring::{self, Entered, Kernel, Waiter};
 use hdrhistogram::Histogram;
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, opcode, squeue, types};
 use std::io;
 use std::os::unix::io::RawFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Retries of one read that failed with EAGAIN or EINTR (the kernel could
 /// not take it right now) before it counts as failed.
 pub(crate) const READ_RETRIES_MAX: u32 = 16;
-/// Turns in a row in which `io_uring_enter` pushed back (EAGAIN/EBUSY) and
-/// no completion arrived, before the worker gives up. With
-/// [`BACKPRESSURE_PAUSE`] between turns this is about a second.
-pub(crate) const BACKPRESSURE_TURNS_MAX: u32 = 10_000;
-const BACKPRESSURE_PAUSE: Duration = Duration::from_micros(100);
-/// `IORING_ENTER_GETEVENTS` from <linux/io_uring.h>.
-const IORING_ENTER_GETEVENTS: u32 = 1;
 /// Largest latency the histogram records exactly (an hour); longer reads
 /// are recorded as this.
 pub(crate) const LATENCY_US_MAX: u64 = 3_600_000_000;
@@ -86,6 +82,8 @@ pub(crate) struct WorkerRing {
     in_flight_count: usize,
     /// CQEs of one turn, collected before any is handled: (user_data, result).
     completions: Box<[(u64, i32)]>,
+    /// The bounded submit-and-wait, with its count of refusals in a row.
+    waiter: Waiter,
     /// Per-read latency of the current call, microseconds.
     pub latency_us: Histogram<u64>,
     /// Why buffers or the file could not be registered, if they could not.
@@ -166,6 +164,7 @@ impl WorkerRing {
             free_count: queue_depth,
             in_flight_count: 0,
             completions: vec![(0, 0); queue_depth].into_boxed_slice(),
+            waiter: Waiter::default(),
             latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
                 .expect("constant histogram bounds are valid"),
             registration_note: (!notes.is_empty()).then(|| notes.join("; ")),
@@ -187,9 +186,9 @@ impl WorkerRing {
         self.latency_us.reset();
         let mut report = WorkerReport::default();
         if let Some(reason) = &self.broken {
-            job.fail(anyhow::anyhow!(
-                "the read engine is unusable after an earlier io_uring failure: {reason}"
-            ));
+            job.fail_with(EngineError::Unusable {
+                reason: reason.clone(),
+            });
             return report;
         }
         assert_eq!(self.in_flight_count, 0);
@@ -209,73 +208,60 @@ impl WorkerRing {
 
     fn run_turns(&mut self, job: &Job<'_>, report: &mut WorkerReport) {
         let mut cursor_dry = false;
-        let mut backpressure_turn_count = 0u32;
         // Runs until the cursor is dry or the job halted, and nothing is in
-        // flight: each turn either submits, reaps, or counts toward a bound.
+        // flight: each turn submits, reaps, or waits one bounded slice (the
+        // waiter bounds refusals in a row; a slow device is waited for, with
+        // the stop flag polled every slice).
         loop {
             job.poll_stop();
             let halted = job.is_halted();
             if !halted && !cursor_dry {
-                while self.free_count > 0 {
-                    let Some(chunk) = job.next_chunk() else {
-                        cursor_dry = true;
-                        break;
-                    };
-                    job.pace(chunk.len_bytes);
-                    self.free_count -= 1;
-                    let slot_index = usize::from(self.free_slots[self.free_count]);
-                    self.submit(
-                        slot_index,
-                        ReadInFlight {
-                            chunk,
-                            done_bytes: 0,
-                            retry_count: 0,
-                            submitted_at: Instant::now(),
-                        },
-                    );
-                }
+                cursor_dry = self.fill(job);
             }
             if self.in_flight_count == 0 {
                 assert!(halted || cursor_dry, "idle with work left");
                 break;
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => backpressure_turn_count = 0,
-                // A signal: the next turn polls the stop flag again.
-                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
-                // The kernel cannot take more now (no memory for requests, or
-                // completions to reap first). Reap, pause, try again, bounded.
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    backpressure_turn_count += 1;
-                    if backpressure_turn_count > BACKPRESSURE_TURNS_MAX {
-                        let reason = format!(
-                            "io_uring_enter kept refusing reads of {} for {} turns: {err}",
-                            job.device.display(),
-                            BACKPRESSURE_TURNS_MAX
-                        );
-                        self.give_up(job, report, reason);
-                        return;
-                    }
-                    std::thread::sleep(BACKPRESSURE_PAUSE);
-                }
+            match self.waiter.enter(&mut self.ring, 1) {
+                Ok(Entered::Ready | Entered::Early) => {}
                 Err(err) => {
-                    let reason = format!(
-                        "io_uring_enter failed while reading {}: {err}",
-                        job.device.display()
-                    );
-                    self.give_up(job, report, reason);
+                    let reason = format!("{err} while reading {}", job.device.display());
+                    self.give_up(job, reason);
                     return;
                 }
             }
             let completion_count = self.collect_completions();
             if completion_count > 0 {
-                backpressure_turn_count = 0;
+                self.waiter.progressed();
             }
             for completion_index in 0..completion_count {
                 let (user_data, result) = self.completions[completion_index];
                 self.handle_completion(job, report, user_data, result);
             }
         }
+    }
+
+    /// Submits a read into every free slot while the cursor has chunks;
+    /// true once it ran dry.
+    fn fill(&mut self, job: &Job<'_>) -> bool {
+        while self.free_count > 0 {
+            let Some(chunk) = job.next_chunk() else {
+                return true;
+            };
+            job.pace(chunk.len_bytes);
+            self.free_count -= 1;
+            let slot_index = usize::from(self.free_slots[self.free_count]);
+            self.submit(
+                slot_index,
+                ReadInFlight {
+                    chunk,
+                    done_bytes: 0,
+                    retry_count: 0,
+                    submitted_at: Instant::now(),
+                },
+            );
+        }
+        false
     }
 
     /// Pushes the SQE for the rest of `read` into slot `slot_index`.
@@ -329,26 +315,20 @@ impl WorkerRing {
         self.in_flight_count += 1;
     }
 
-    /// Moves every available CQE into `completions`; returns how many.
+    /// Moves available CQEs into `completions` (it holds one per slot, so
+    /// every CQE there is); returns how many.
     fn collect_completions(&mut self) -> usize {
-        let mut completion_count = 0;
-        let mut completion_queue = self.ring.completion();
-        completion_queue.sync();
-        for cqe in &mut completion_queue {
-            let cqe: cqueue::Entry = cqe;
-            assert!(
-                completion_count < self.completions.len(),
-                "more completions than reads in flight"
-            );
-            self.completions[completion_count] = (cqe.user_data(), cqe.result());
-            completion_count += 1;
-        }
-        drop(completion_queue);
-        assert!(completion_count <= self.in_flight_count);
+        let completion_count = self.ring.reap(&mut self.completions);
+        assert!(
+            completion_count <= self.in_flight_count,
+            "more completions than reads in flight"
+        );
         self.in_flight_count -= completion_count;
         completion_count
     }
 
+    /// One reaped CQE: its slot's read failed (`result` < 0, an errno) or
+    /// read `result` bytes.
     fn handle_completion(
         &mut self,
         job: &Job<'_>,
@@ -360,45 +340,68 @@ impl WorkerRing {
             .ok()
             .filter(|&index| index < self.slots.len())
             .unwrap_or_else(|| unreachable!("completion with user_data {user_data}: not a slot"));
-        let Slot::InFlight(mut read) = self.slots[slot_index] else {
+        let Slot::InFlight(read) = self.slots[slot_index] else {
             unreachable!("completion for slot {slot_index}, which has no read in flight")
         };
+        match u32::try_from(result) {
+            Ok(got_bytes) => self.handle_read(job, report, slot_index, read, got_bytes),
+            Err(_) => self.handle_failure(job, report, slot_index, read, -result),
+        }
+    }
+
+    /// The read failed with `errno`: retry it (EAGAIN, EINTR), salvage its
+    /// chunk (a range error, when salvaging), or fail the job.
+    fn handle_failure(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        slot_index: usize,
+        mut read: ReadInFlight,
+        errno: i32,
+    ) {
+        let retryable = errno == libc::EAGAIN || errno == libc::EINTR;
+        if retryable && read.retry_count < READ_RETRIES_MAX && !job.is_halted() {
+            read.retry_count += 1;
+            self.submit(slot_index, read);
+            return;
+        }
+        if errno == libc::EFAULT || errno == libc::EBADF {
+            unreachable!(
+                "read of slot {slot_index} failed with errno {errno}: the engine passed a bad buffer or file"
+            );
+        }
+        if let Some(salvage) = job.salvage
+            && salvage::is_range_error(errno)
+            && !job.is_halted()
+        {
+            self.salvage_chunk(job, report, slot_index, read, salvage);
+            return;
+        }
+        job.fail_with(EngineError::Read(ReadError {
+            device: job.device.to_path_buf(),
+            offset_bytes: read.chunk.offset_bytes + u64::from(read.done_bytes),
+            len_bytes: read.chunk.len_bytes - read.done_bytes,
+            retry_count: read.retry_count,
+            source: io::Error::from_raw_os_error(errno),
+        }));
+        self.free(slot_index);
+    }
+
+    /// The read returned `got_bytes`: the end of the device (0), a short
+    /// read to resubmit the rest of, or the whole chunk to deliver.
+    fn handle_read(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        slot_index: usize,
+        mut read: ReadInFlight,
+        got_bytes: u32,
+    ) {
         let chunk = read.chunk;
         let offset_bytes = chunk.offset_bytes + u64::from(read.done_bytes);
         let len_bytes = chunk.len_bytes - read.done_bytes;
-        if result < 0 {
-            let errno = -result;
-            let retryable = errno == libc::EAGAIN || errno == libc::EINTR;
-            if retryable && read.retry_count < READ_RETRIES_MAX && !job.is_halted() {
-                read.retry_count += 1;
-                self.submit(slot_index, read);
-                return;
-            }
-            if errno == libc::EFAULT || errno == libc::EBADF {
-                unreachable!(
-                    "read of slot {slot_index} failed with errno {errno}: the engine passed a bad buffer or file"
-                );
-            }
-            if let Some(salvage) = job.salvage
-                && salvage::is_range_error(errno)
-                && !job.is_halted()
-            {
-                self.salvage_chunk(job, report, slot_index, read, salvage);
-                return;
-            }
-            job.fail(anyhow::Error::new(ReadError {
-                device: job.device.to_path_buf(),
-                offset_bytes,
-                len_bytes,
-                retry_count: read.retry_count,
-                source: io::Error::from_raw_os_error(errno),
-            }));
-            self.free(slot_index);
-            return;
-        }
-        let got_bytes = result as u32;
         if got_bytes == 0 {
-            job.fail_at_end_of_device(offset_bytes, len_bytes);
+            job.fail_at_end_of_device(offset_bytes, u64::from(len_bytes));
             self.free(slot_index);
             return;
         }
@@ -413,12 +416,12 @@ impl WorkerRing {
             if job.is_halted() {
                 self.free(slot_index);
             } else if !u64::from(read.done_bytes).is_multiple_of(job.geometry.block_bytes) {
-                job.fail(anyhow::anyhow!(
-                    "short read of {got_bytes} bytes at byte offset {offset_bytes} of {} is not a \
-                     whole number of {}-byte blocks",
-                    job.device.display(),
-                    job.geometry.block_bytes
-                ));
+                job.fail_with(EngineError::ShortRead {
+                    device: job.device.to_path_buf(),
+                    got_bytes,
+                    offset_bytes,
+                    block_bytes: job.geometry.block_bytes,
+                });
                 self.free(slot_index);
             } else {
                 self.submit(slot_index, read);
@@ -512,79 +515,96 @@ impl WorkerRing {
         read: ReadInFlight,
         salvage: &Salvage<'_>,
     ) {
+        if let Some(salvaged) = self.reread_rest(job, slot_index, read, salvage) {
+            self.record_latency(&read);
+            report.chunks_salvaged += 1;
+            report.salvage_reads += salvaged.reads;
+            report.retry_reads += salvaged.retry_reads;
+            self.deliver_salvaged(job, report, slot_index, read.chunk, &salvaged.bad, salvage);
+            if !job.is_halted() {
+                report.reads += 1;
+            }
+        }
+        self.free(slot_index);
+    }
+
+    /// Re-reads what `read` had left of its chunk into its slot; `None`
+    /// when the salvage stopped (the job halted, or failed here).
+    fn reread_rest(
+        &mut self,
+        job: &Job<'_>,
+        slot_index: usize,
+        read: ReadInFlight,
+        salvage: &Salvage<'_>,
+    ) -> Option<Salvaged> {
         let chunk = read.chunk;
         let from_bytes = read.done_bytes;
-        let rest_offset_bytes = chunk.offset_bytes + u64::from(from_bytes);
-        let rest_len_bytes = chunk.len_bytes - from_bytes;
         let plan = SalvagePlan {
             block_bytes: job.geometry.block_bytes,
             retries: salvage.retries,
         };
         let fd = self.fd;
-        let outcome = {
-            // SAFETY: the failed read's completion is reaped, so the slot is
-            // the worker's; [from_bytes, len_bytes) lies inside it; nothing
-            // else refers to the slot until it is freed below.
-            let rest = unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.slot_ptrs[slot_index].add(from_bytes as usize),
-                    rest_len_bytes as usize,
-                )
-            };
-            salvage::salvage(
-                plan,
-                rest_offset_bytes,
-                rest,
-                &mut |offset_bytes, buf| pread(fd, buf, offset_bytes),
-                &|| {
-                    job.poll_stop();
-                    job.is_halted()
-                },
+        // SAFETY: the failed read's completion is reaped, so the slot is the
+        // worker's; [from_bytes, len_bytes) lies inside it; nothing else
+        // refers to the slot until the caller frees it.
+        let rest = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.slot_ptrs[slot_index].add(from_bytes as usize),
+                (chunk.len_bytes - from_bytes) as usize,
             )
         };
-        let salvaged = match outcome {
-            Ok(salvaged) => salvaged,
-            Err(SalvageStop::Halted) => {
-                self.free(slot_index);
-                return;
-            }
+        let outcome = salvage::salvage(
+            plan,
+            chunk.offset_bytes + u64::from(from_bytes),
+            rest,
+            &mut |offset_bytes, buf| pread(fd, buf, offset_bytes),
+            &|| {
+                job.poll_stop();
+                job.is_halted()
+            },
+        );
+        match outcome {
+            Ok(salvaged) => return Some(salvaged),
+            Err(SalvageStop::Halted) => {}
             Err(SalvageStop::Fatal {
                 offset_bytes,
                 len_bytes,
                 errno,
-            }) => {
-                job.fail(anyhow::Error::new(ReadError {
-                    device: job.device.to_path_buf(),
-                    offset_bytes,
-                    len_bytes: len_bytes as u32,
-                    retry_count: 0,
-                    source: io::Error::from_raw_os_error(errno),
-                }));
-                self.free(slot_index);
-                return;
-            }
+            }) => job.fail_with(EngineError::Read(ReadError {
+                device: job.device.to_path_buf(),
+                offset_bytes,
+                len_bytes: len_bytes as u32,
+                retry_count: 0,
+                source: io::Error::from_raw_os_error(errno),
+            })),
             Err(SalvageStop::EndOfDevice {
                 offset_bytes,
                 len_bytes,
-            }) => {
-                job.fail_at_end_of_device(offset_bytes, len_bytes);
-                self.free(slot_index);
-                return;
-            }
-        };
-        self.record_latency(&read);
-        report.chunks_salvaged += 1;
-        report.salvage_reads += salvaged.reads;
-        report.retry_reads += salvaged.retry_reads;
+            }) => job.fail_at_end_of_device(offset_bytes, len_bytes),
+        }
+        None
+    }
+
+    /// Delivers the runs of `chunk` between the `bad` spans (sorted) and
+    /// reports each bad span, until the job halts.
+    fn deliver_salvaged(
+        &mut self,
+        job: &Job<'_>,
+        report: &mut WorkerReport,
+        slot_index: usize,
+        chunk: Chunk,
+        bad: &[BadSpan],
+        salvage: &Salvage<'_>,
+    ) {
         let chunk_end_bytes = chunk.offset_bytes + u64::from(chunk.len_bytes);
         let mut at_bytes = chunk.offset_bytes;
-        for bad in &salvaged.bad {
+        for bad in bad {
             if at_bytes < bad.offset_bytes {
                 let len = (bad.offset_bytes - at_bytes) as u32;
                 self.deliver(job, report, slot_index, chunk, at_bytes, len);
             }
             if job.is_halted() {
-                break;
+                return;
             }
             let len_bytes = bad.end_bytes - bad.offset_bytes;
             let reported = (salvage.report)(Unreadable {
@@ -607,10 +627,6 @@ impl WorkerRing {
             let len = (chunk_end_bytes - at_bytes) as u32;
             self.deliver(job, report, slot_index, chunk, at_bytes, len);
         }
-        if !job.is_halted() {
-            report.reads += 1;
-        }
-        self.free(slot_index);
     }
 
     fn free(&mut self, slot_index: usize) {
@@ -621,6 +637,20 @@ impl WorkerRing {
         self.free_count += 1;
     }
 
+    /// The ring cannot submit: fail the job and mark the ring broken (SQEs
+    /// it never took may be left in it), then drain it.
+    fn give_up(&mut self, job: &Job<'_>, reason: String) {
+        job.fail_with(EngineError::Ring {
+            reason: reason.clone(),
+        });
+        self.broken = Some(reason);
+        if self.in_flight_count == self.queued_count() {
+            // The kernel took none of them: every buffer is ours already.
+            self.in_flight_count = 0;
+        }
+        self.drain();
+    }
+
     /// SQEs pushed but not yet taken by the kernel.
     fn queued_count(&mut self) -> usize {
         let mut submission_queue = self.ring.submission();
@@ -628,67 +658,32 @@ impl WorkerRing {
         submission_queue.len()
     }
 
-    /// The ring cannot submit: fail the job, wait for the reads the kernel
-    /// did take (their buffers are the kernel's until then), and mark the
-    /// ring broken, since SQEs it never took are still queued in it.
-    fn give_up(&mut self, job: &Job<'_>, report: &mut WorkerReport, reason: String) {
-        job.fail(anyhow::anyhow!("{reason}"));
-        self.broken = Some(reason);
-        // Bounded by the reads the kernel holds: each wait reaps at least one.
-        loop {
-            let kernel_count = self.in_flight_count - self.queued_count();
-            if kernel_count == 0 {
-                break;
-            }
-            // SAFETY: io_uring_enter with nothing to submit only waits for
-            // completions; it touches no memory of ours beyond the rings.
-            let waited = unsafe {
-                self.ring
-                    .submitter()
-                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
-            };
-            if let Err(err) = waited
-                && err.raw_os_error() != Some(libc::EINTR)
-            {
-                // The kernel may still write these buffers: never free them.
-                self.abandoned_reads = true;
-                return;
-            }
-            let completion_count = self.collect_completions();
-            for completion_index in 0..completion_count {
-                let (user_data, result) = self.completions[completion_index];
-                // The job is halted: this only frees the slot.
-                self.handle_completion(job, report, user_data, result);
-            }
-        }
-        // The queued SQEs will never be submitted (the ring is not entered
-        // again), so their buffers are ours.
-        self.in_flight_count = 0;
+    /// After a panic: wait until every read of this ring has completed, so
+    /// no buffer is written after the worker unwinds.
+    fn drain_after_panic(&mut self) {
+        self.drain();
     }
 
-    /// After a panic: wait until every read of this ring has completed, so
-    /// no buffer is written after the worker unwinds. Bounded by the reads
-    /// in flight: each wait reaps at least one (or the device never answers).
-    fn drain_after_panic(&mut self) {
-        // Queued SQEs are handed to the kernel too, so each gets a CQE.
-        while self.in_flight_count > 0 {
-            if let Err(err) = self.ring.submit_and_wait(1) {
-                match err.raw_os_error() {
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
-                    _ => {
-                        self.broken = Some(format!("io_uring_enter failed after a panic: {err}"));
-                        self.abandoned_reads = true;
-                        return;
-                    }
-                }
-            }
-            let mut completion_queue = self.ring.completion();
-            completion_queue.sync();
-            let reaped_count = completion_queue.len();
-            completion_queue.for_each(drop);
-            assert!(reaped_count <= self.in_flight_count);
-            self.in_flight_count -= reaped_count;
+    /// Waits, bounded ([`uring::drain`]), for every read in flight and
+    /// frees every slot; the completions are dropped (the job is halted).
+    /// If the wait fails the reads are abandoned: their buffers are never
+    /// freed (the engine leaks the pool).
+    fn drain(&mut self) {
+        let drained = uring::drain(
+            &mut self.ring,
+            &mut self.waiter,
+            self.in_flight_count,
+            &mut self.completions,
+            uring::DRAIN_WAIT_MAX,
+            &mut |_, _| {},
+        );
+        if let Err(err) = drained {
+            self.broken.get_or_insert_with(|| {
+                format!("the reads in flight could not be waited for: {err}")
+            });
+            self.abandoned_reads = true;
         }
+        self.in_flight_count = 0;
         self.slots.fill(Slot::Free);
         for (free_index, slot_index) in (0..self.slots.len()).rev().enumerate() {
             self.free_slots[free_index] = slot_index as u16;
@@ -715,9 +710,9 @@ fn pread(fd: RawFd, buf: &mut [u8], offset_bytes: u64) -> salvage::ReadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty::Extent;
     use crate::engine::plan::{Cursor, Geometry};
     use crate::engine::pool::BufferPool;
+    use crate::geom::ByteExtent;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
@@ -747,7 +742,7 @@ mod tests {
         ring.fixed_file &= fixed_file;
 
         let geometry = Geometry::new(FILE_BYTES as u64, 4096, u64::from(SLOT_BYTES));
-        let extents = [Extent {
+        let extents = [ByteExtent {
             offset_bytes: 0,
             len_bytes: FILE_BYTES as u64,
         }];

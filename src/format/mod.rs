@@ -17,11 +17,8 @@ mod writer;
 pub use banner::{Banner, Meta, printable};
 pub use error::{FormatError, FormatErrorKind};
 pub use reader::ImageReader;
-pub use record::{Extent, Record, RunState, Trailer};
+pub use record::{Record, RunState, Trailer};
 pub use writer::ImageWriter;
-
-/// Section addresses are in sectors ([`crate::geom`]).
-pub use crate::geom::SECTOR_BYTES;
 
 /// The banner the original tool writes, byte for byte (without its newline).
 pub const BANNER_PLAIN: &str =

@@ -4,8 +4,9 @@
 //! byte offset in the image where it was found.
 
 use super::error::{FormatError, FormatErrorKind};
-use super::record::{Extent, Record, Trailer, parse_record};
+use super::record::{Record, Trailer, parse_record};
 use super::{BANNER_LINE_MAX_BYTES, Banner, RECORD_LINE_MAX_BYTES, crc32c_append};
+use crate::geom::ByteExtent;
 use std::io::{self, BufRead};
 
 pub struct ImageReader<R: BufRead> {
@@ -16,7 +17,7 @@ pub struct ImageReader<R: BufRead> {
     crc32c: u32,
     banner: Banner,
     /// The `S:` section whose data is being read, and the bytes left of it.
-    section: Option<(Extent, u64)>,
+    section: Option<(ByteExtent, u64)>,
     trailer: Option<Trailer>,
     ended: bool,
     line: Vec<u8>,
@@ -80,18 +81,13 @@ impl<R: BufRead> ImageReader<R> {
         let record = parse_record(&self.line, self.banner.revision).map_err(at_line)?;
         match record {
             Record::Data(extent) | Record::Zero(extent) | Record::Bad(extent) => {
-                let end_bytes = extent
-                    .end_bytes()
-                    .ok_or(FormatErrorKind::ExtentOverflow {
-                        sector: extent.sector,
-                        len_bytes: extent.len_bytes,
-                    })
-                    .map_err(at_line)?;
+                // The parser refused any extent whose end overflows.
+                let end_bytes = extent.end_bytes();
                 if let Some(device_bytes) = self.banner.meta.device_bytes
                     && end_bytes > device_bytes
                 {
                     return Err(at_line(FormatErrorKind::PastDeclaredSize {
-                        sector: extent.sector,
+                        sector: extent.sector_first(),
                         len_bytes: extent.len_bytes,
                         end_bytes,
                         device_bytes,
@@ -192,11 +188,11 @@ impl<R: BufRead> ImageReader<R> {
         Ok(())
     }
 
-    fn truncated(&self, offset: u64, extent: Extent, missing_bytes: u64) -> FormatError {
+    fn truncated(&self, offset: u64, extent: ByteExtent, missing_bytes: u64) -> FormatError {
         FormatError::new(
             offset,
             FormatErrorKind::TruncatedSection {
-                sector: extent.sector,
+                sector: extent.sector_first(),
                 len_bytes: extent.len_bytes,
                 got_bytes: extent.len_bytes - missing_bytes,
             },

@@ -1,29 +1,9 @@
 //! Record lines: parsing and encoding. Pure functions over byte slices.
 
+use super::REVISION_EXTENDED;
 use super::error::{FormatErrorKind, quote_line};
-use super::{REVISION_EXTENDED, SECTOR_BYTES};
+use crate::geom::ByteExtent;
 use std::io::{self, Write};
-
-/// A byte range of the device, addressed as the image addresses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// First 512-byte sector.
-    pub sector: u64,
-    pub len_bytes: u64,
-}
-
-impl Extent {
-    pub fn offset_bytes(&self) -> u64 {
-        self.sector * SECTOR_BYTES
-    }
-
-    /// End byte offset (exclusive), or None when it does not fit in a u64.
-    pub fn end_bytes(&self) -> Option<u64> {
-        self.sector
-            .checked_mul(SECTOR_BYTES)?
-            .checked_add(self.len_bytes)
-    }
-}
 
 /// How the imaging run ended, as the `STATE:` record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +26,12 @@ pub struct Trailer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
     /// `S:` — `len_bytes` bytes of device data follow the line.
-    Data(Extent),
+    Data(ByteExtent),
     /// `Z:` (revision 2) — the extent reads as zeros; no data follows.
-    Zero(Extent),
+    Zero(ByteExtent),
     /// `B:` (revision 2) — the source could not read this extent; no data
     /// follows and the image holds nothing trustworthy for it.
-    Bad(Extent),
+    Bad(ByteExtent),
     /// `STATE:` (revision 2).
     State(RunState),
     /// `END` — the trailer; always the last line.
@@ -91,14 +71,14 @@ pub fn parse_record(line: &[u8], revision: u32) -> Result<Record, FormatErrorKin
         }
     };
     match tag {
-        b"S" => parse_extent(rest).map(Record::Data).ok_or_else(malformed),
+        b"S" => parse_extent(rest, malformed).map(Record::Data),
         b"Z" => {
             need_extended("Z:")?;
-            parse_extent(rest).map(Record::Zero).ok_or_else(malformed)
+            parse_extent(rest, malformed).map(Record::Zero)
         }
         b"B" => {
             need_extended("B:")?;
-            parse_extent(rest).map(Record::Bad).ok_or_else(malformed)
+            parse_extent(rest, malformed).map(Record::Bad)
         }
         b"STATE" => {
             need_extended("STATE:")?;
@@ -111,13 +91,27 @@ pub fn parse_record(line: &[u8], revision: u32) -> Result<Record, FormatErrorKin
     }
 }
 
-/// `:<sector>\tL:<bytes>`
-fn parse_extent(rest: &[u8]) -> Option<Extent> {
-    let rest = rest.strip_prefix(b":")?;
-    let tab = rest.iter().position(|&b| b == b'\t')?;
-    let sector = parse_decimal(&rest[..tab])?;
-    let len_bytes = parse_decimal(rest[tab..].strip_prefix(b"\tL:")?)?;
-    Some(Extent { sector, len_bytes })
+/// `:<sector>\tL:<bytes>`, converted to bytes here: the only place the
+/// image's sector addresses are read. An address whose bytes do not fit in a
+/// `u64` is [`FormatErrorKind::ExtentOverflow`].
+fn parse_extent(
+    rest: &[u8],
+    malformed: impl Fn() -> FormatErrorKind,
+) -> Result<ByteExtent, FormatErrorKind> {
+    let fields = || {
+        let rest = rest.strip_prefix(b":")?;
+        let tab = rest.iter().position(|&b| b == b'\t')?;
+        let sector = parse_decimal(&rest[..tab])?;
+        let len_bytes = parse_decimal(rest[tab..].strip_prefix(b"\tL:")?)?;
+        Some((sector, len_bytes))
+    };
+    let (sector, len_bytes) = fields().ok_or_else(malformed)?;
+    ByteExtent::from_sectors(sector, len_bytes).map_err(|overflow| {
+        FormatErrorKind::ExtentOverflow {
+            sector: overflow.sector_first,
+            len_bytes: overflow.len_bytes,
+        }
+    })
 }
 
 /// `:converged` or `:unconverged\tCHANGED_BYTES:<n>`
@@ -170,9 +164,11 @@ pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
 /// Writes one record line. Returns the bytes written.
 pub fn encode_record(out: &mut impl Write, record: &Record) -> io::Result<()> {
     match record {
-        Record::Data(e) => writeln!(out, "S:{}\tL:{}", e.sector, e.len_bytes),
-        Record::Zero(e) => writeln!(out, "Z:{}\tL:{}", e.sector, e.len_bytes),
-        Record::Bad(e) => writeln!(out, "B:{}\tL:{}", e.sector, e.len_bytes),
+        // sector_first asserts the extent starts on a sector: the format
+        // cannot address anything else.
+        Record::Data(e) => writeln!(out, "S:{}\tL:{}", e.sector_first(), e.len_bytes),
+        Record::Zero(e) => writeln!(out, "Z:{}\tL:{}", e.sector_first(), e.len_bytes),
+        Record::Bad(e) => writeln!(out, "B:{}\tL:{}", e.sector_first(), e.len_bytes),
         Record::State(RunState::Converged) => out.write_all(b"STATE:converged\n"),
         Record::State(RunState::Unconverged { changed_bytes }) => {
             writeln!(out, "STATE:unconverged\tCHANGED_BYTES:{changed_bytes}")
@@ -191,8 +187,8 @@ mod tests {
 
     #[test]
     fn parses_each_record_type() {
-        let e = Extent {
-            sector: 7,
+        let e = ByteExtent {
+            offset_bytes: 7 * 512,
             len_bytes: 512,
         };
         assert_eq!(parse("S:7\tL:512\n", 0).unwrap(), Record::Data(e));
@@ -220,16 +216,16 @@ mod tests {
     #[test]
     fn encode_then_parse_is_identity() {
         let records = [
-            Record::Data(Extent {
-                sector: u64::MAX,
+            Record::Data(ByteExtent {
+                offset_bytes: u64::MAX / 512 * 512,
                 len_bytes: 0,
             }),
-            Record::Zero(Extent {
-                sector: 0,
+            Record::Zero(ByteExtent {
+                offset_bytes: 0,
                 len_bytes: u64::MAX,
             }),
-            Record::Bad(Extent {
-                sector: 1,
+            Record::Bad(ByteExtent {
+                offset_bytes: 512,
                 len_bytes: 2,
             }),
             Record::State(RunState::Converged),
@@ -243,6 +239,20 @@ mod tests {
             let mut line = Vec::new();
             encode_record(&mut line, &record).unwrap();
             assert_eq!(parse_record(&line, 2).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn sector_addresses_past_a_u64_of_bytes_are_overflows() {
+        let first_past = u64::MAX / 512 + 1;
+        for line in [
+            format!("S:{first_past}\tL:0\n"),
+            format!("S:{}\tL:512\n", first_past - 1),
+        ] {
+            assert!(
+                matches!(parse(&line, 2), Err(FormatErrorKind::ExtentOverflow { .. })),
+                "{line:?} accepted"
+            );
         }
     }
 

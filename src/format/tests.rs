@@ -2,6 +2,7 @@
 //! way the original tool builds one, and every kind of bad input.
 
 use super::*;
+use crate::geom::ByteExtent;
 use proptest::prelude::*;
 
 /// A test-only restore into memory: applies every record, returns the
@@ -13,7 +14,7 @@ fn apply(image: &[u8]) -> Result<(Vec<u8>, Option<Trailer>), FormatError> {
     while let Some(record) = reader.next_record()? {
         match record {
             Record::Data(extent) => {
-                let mut at = extent.offset_bytes() as usize;
+                let mut at = extent.offset_bytes as usize;
                 loop {
                     let n = reader.read_data(&mut buf)?;
                     if n == 0 {
@@ -25,16 +26,13 @@ fn apply(image: &[u8]) -> Result<(Vec<u8>, Option<Trailer>), FormatError> {
                     device[at..at + n].copy_from_slice(&buf[..n]);
                     at += n;
                 }
-                let end = extent.end_bytes().unwrap() as usize;
+                let end = extent.end_bytes() as usize;
                 if device.len() < end {
                     device.resize(end, 0);
                 }
             }
             Record::Zero(extent) => {
-                let (start, end) = (
-                    extent.offset_bytes() as usize,
-                    extent.end_bytes().unwrap() as usize,
-                );
+                let (start, end) = (extent.offset_bytes as usize, extent.end_bytes() as usize);
                 if device.len() < end {
                     device.resize(end, 0);
                 }
@@ -255,12 +253,12 @@ fn extension_records_round_trip() {
     };
     let mut writer = ImageWriter::new(Vec::new(), &banner).unwrap();
     writer.write_section(0, &[7u8; 16 * 512]).unwrap();
-    let zero = Extent {
-        sector: 2,
+    let zero = ByteExtent {
+        offset_bytes: 2 * 512,
         len_bytes: 1024,
     };
-    let bad = Extent {
-        sector: 9,
+    let bad = ByteExtent {
+        offset_bytes: 9 * 512,
         len_bytes: 512,
     };
     writer.write_zero(zero).unwrap();

@@ -1,8 +1,9 @@
 //! Writes an image stream, keeping the CRC-32C and byte count that the END
 //! trailer records (over every byte before the trailer line).
 
-use super::record::{Extent, Record, RunState, Trailer, encode_record};
-use super::{Banner, REVISION_EXTENDED, SECTOR_BYTES, crc32c_append, crc32c_combine};
+use super::record::{Record, RunState, Trailer, encode_record};
+use super::{Banner, REVISION_EXTENDED, crc32c_append, crc32c_combine};
+use crate::geom::ByteExtent;
 use std::io::{self, Write};
 
 pub struct ImageWriter<W: Write> {
@@ -34,7 +35,7 @@ impl<W: Write> ImageWriter<W> {
 
     /// Opens an `S:` section; exactly `extent.len_bytes` bytes must follow
     /// through [`write_data`](Self::write_data).
-    pub fn begin_section(&mut self, extent: Extent) -> io::Result<()> {
+    pub fn begin_section(&mut self, extent: ByteExtent) -> io::Result<()> {
         self.put_record(&Record::Data(extent))?;
         self.section_remaining_bytes = extent.len_bytes;
         Ok(())
@@ -52,10 +53,7 @@ impl<W: Write> ImageWriter<W> {
 
     /// A whole section: header and data.
     pub fn write_section(&mut self, sector: u64, data: &[u8]) -> io::Result<()> {
-        self.begin_section(Extent {
-            sector,
-            len_bytes: data.len() as u64,
-        })?;
+        self.begin_section(section_extent(sector, data))?;
         self.write_data(data)
     }
 
@@ -70,10 +68,7 @@ impl<W: Write> ImageWriter<W> {
         data: &[u8],
         data_crc32c: u32,
     ) -> io::Result<()> {
-        self.begin_section(Extent {
-            sector,
-            len_bytes: data.len() as u64,
-        })?;
+        self.begin_section(section_extent(sector, data))?;
         self.inner.write_all(data)?;
         self.crc32c = crc32c_combine(self.crc32c, data_crc32c, data.len() as u64);
         self.bytes_written += data.len() as u64;
@@ -82,12 +77,12 @@ impl<W: Write> ImageWriter<W> {
     }
 
     /// A `Z:` record (revision 2): the extent reads as zeros.
-    pub fn write_zero(&mut self, extent: Extent) -> io::Result<()> {
+    pub fn write_zero(&mut self, extent: ByteExtent) -> io::Result<()> {
         self.put_record(&Record::Zero(extent))
     }
 
     /// A `B:` record (revision 2): the source could not read this extent.
-    pub fn write_bad(&mut self, extent: Extent) -> io::Result<()> {
+    pub fn write_bad(&mut self, extent: ByteExtent) -> io::Result<()> {
         self.put_record(&Record::Bad(extent))
     }
 
@@ -134,8 +129,7 @@ impl<W: Write> ImageWriter<W> {
         );
         match record {
             Record::Data(extent) | Record::Zero(extent) | Record::Bad(extent) => {
-                let end_bytes = extent.end_bytes().expect("extent end overflows u64");
-                debug_assert_eq!(extent.offset_bytes() % SECTOR_BYTES, 0);
+                let end_bytes = extent.end_bytes();
                 if let Some(device_bytes) = self.device_bytes {
                     assert!(end_bytes <= device_bytes, "extent past the declared size");
                 }
@@ -162,4 +156,15 @@ impl<W: Write> ImageWriter<W> {
         self.bytes_written += bytes.len() as u64;
         Ok(())
     }
+}
+
+/// The extent of a section of `data` at sector `sector`.
+///
+/// # Panics
+///
+/// If its bytes do not fit in a `u64`: the caller's sectors come from a
+/// device, whose bytes do.
+fn section_extent(sector: u64, data: &[u8]) -> ByteExtent {
+    ByteExtent::from_sectors(sector, data.len() as u64)
+        .unwrap_or_else(|overflow| panic!("{overflow}"))
 }

@@ -144,6 +144,26 @@ impl Drop for Pending {
     }
 }
 
+/// A character device (/dev/null), a FIFO or a socket at `name` in `dir`,
+/// opened to be written in place.
+fn special_at(dir: &File, name: &CString, shown: &str) -> anyhow::Result<(File, Placement)> {
+    let file = open_at(
+        dir,
+        name,
+        libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0,
+    )
+    .with_context(|| format!("cannot open {shown} for writing"))?;
+    if file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        grow_pipe(&file);
+    }
+    let placement = Placement {
+        pending: None,
+        _claim: None,
+    };
+    Ok((file, placement))
+}
+
 /// Opens where the image goes, refusing a place that overlaps the device
 /// being imaged or is in use (unless `force`).
 pub fn open(
@@ -243,23 +263,7 @@ impl Guard {
             Some(libc::S_IFREG) | None => {}
             // A character device (/dev/null), a FIFO, a socket: written in
             // place, holding no block device.
-            Some(_) => {
-                let file = open_at(
-                    &dir,
-                    &c,
-                    libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                    0,
-                )
-                .with_context(|| format!("cannot open {shown} for writing"))?;
-                if file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
-                    grow_pipe(&file);
-                }
-                let placement = Placement {
-                    pending: None,
-                    _claim: None,
-                };
-                return Ok((file, placement));
-            }
+            Some(_) => return special_at(&dir, &c, &shown),
         }
         // Checked before anything is made: the directory the entry goes in.
         let dir_meta = dir

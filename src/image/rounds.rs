@@ -63,10 +63,9 @@
 
 use super::RoundStats;
 use super::pending::{Completions, PendingSummary};
-use crate::dirty::Extent;
-use crate::format::SECTOR_BYTES;
+use crate::geom::{ByteExtent as Extent, SECTOR_BYTES};
 use crate::units::Bytes;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// What the rounds are bounded by, and whether they may freeze.
@@ -302,111 +301,169 @@ fn run_rounds<W: World>(
     device_bytes: u64,
 ) -> anyhow::Result<Ending> {
     let mut extents = Vec::new();
-    let mut wait = Duration::from_micros(50);
-    let mut held_since: Option<Instant> = None;
-    let mut last_hold_note: Option<Instant> = None;
+    let mut wait = WAIT_FIRST;
+    let mut hold = HoldNotes::default();
     loop {
         world.check()?;
         extents.clear();
         let look = world.look(&mut extents)?;
         debug_assert_eq!(look.extent_count, extents.len());
-        if look.held {
-            let since = *held_since.get_or_insert(look.now);
-            if last_hold_note.is_none_or(|at| look.now.saturating_duration_since(at) >= HOLD_NOTE) {
-                last_hold_note = Some(look.now);
-                eprintln!(
-                    "Holding for {:.0}s while {} exists -- {} dirty sectors",
-                    look.now.saturating_duration_since(since).as_secs_f64(),
-                    rounds
-                        .config
-                        .hold_file
-                        .as_deref()
-                        .map_or("the hold file".into(), |p| p.display().to_string()),
-                    look.dirty_bytes / SECTOR_BYTES
-                );
-            }
-        } else {
-            held_since = None;
-        }
+        hold.note(&look, rounds.config.hold_file.as_deref());
         let step = rounds.decide(&look);
         if step != Step::Wait {
-            wait = Duration::from_micros(50);
+            wait = WAIT_FIRST;
         }
-        match step {
+        if step.returns_taken() {
+            world.put_back(&extents);
+        }
+        let ending = match step {
+            Step::Read { remark } => {
+                read_round(world, rounds, stats, &look, &extents, remark)?;
+                None
+            }
             Step::Freeze => {
-                world.put_back(&extents);
                 let what = world.freeze()?;
                 eprintln!(
                     "Frozen {what} for the final round (after {} rounds)",
                     stats.len()
                 );
+                None
             }
             Step::HoldFrozen => {
-                world.put_back(&extents);
-                world.sleep(Duration::from_millis(5));
+                world.sleep(HOLD_FROZEN_PAUSE);
+                None
             }
-            Step::Converged => {
-                world.thaw()?;
-                eprintln!(
-                    "Converged after {} round{}: nothing changed and no write in flight",
-                    stats.len(),
-                    if stats.len() == 1 { "" } else { "s" }
-                );
-                return Ok(Ending::Converged);
-            }
-            Step::Unconverged => {
-                world.thaw()?;
-                world.put_back(&extents);
-                let changed_bytes = world.dirty_bytes().min(device_bytes);
-                eprintln!(
-                    "WARNING: writes did not quiesce within {} catch-up rounds: {} changed during the last round and may be older in the image than on the device; the image is marked NOT converged",
-                    rounds.config.rounds_max,
-                    Bytes(changed_bytes)
-                );
-                world.mark_unconverged(changed_bytes)?;
-                return Ok(Ending::Unconverged { changed_bytes });
-            }
-            Step::NoCompletions => return Ok(Ending::NoCompletions(look.completions)),
+            Step::Converged => Some(converge(world, stats.len())?),
+            Step::Unconverged => Some(end_unconverged(world, rounds, device_bytes)?),
+            Step::NoCompletions => Some(Ending::NoCompletions(look.completions)),
             Step::Wait => {
                 world.sleep(wait);
                 wait = (wait * 2).min(WAIT_MAX);
+                None
             }
-            Step::Read { remark } => {
-                let read = world.read(&extents)?;
-                if remark {
-                    // A write in flight during these reads may land after
-                    // them, and no completion event will say so.
-                    world.put_back(&extents);
-                }
-                let round = RoundStats {
-                    round: stats.len() as u32 + 1,
-                    dirty_bytes: look.dirty_bytes,
-                    extents: extents.len(),
-                    bytes_read: read.bytes_read,
-                    seconds: read.seconds,
-                    unsettled: remark,
-                    held: look.held,
-                    frozen: rounds.is_frozen(),
-                    pending_sectors: look.pending.sectors,
-                };
-                eprintln!(
-                    "Round {}: {} in {} extents read in {:.0} ms{}{}",
-                    round.round,
-                    Bytes(round.bytes_read),
-                    round.extents,
-                    round.seconds * 1000.0,
-                    if remark {
-                        " (writes in flight: will read again)"
-                    } else {
-                        ""
-                    },
-                    if look.held { " (held)" } else { "" }
-                );
-                stats.push(round);
-            }
+        };
+        if let Some(ending) = ending {
+            return Ok(ending);
         }
     }
 }
+
+impl Step {
+    /// What the look took goes back into the dirty map unread: the step
+    /// reads it later (after a freeze, while held frozen) or never (out of
+    /// rounds, so it counts as changed). A read with `remark` puts its
+    /// extents back after reading them.
+    fn returns_taken(self) -> bool {
+        matches!(self, Step::Freeze | Step::HoldFrozen | Step::Unconverged)
+    }
+}
+
+/// `--hold-file`: a note once a second while the run is held.
+#[derive(Default)]
+struct HoldNotes {
+    held_since: Option<Instant>,
+    last_note: Option<Instant>,
+}
+
+impl HoldNotes {
+    fn note(&mut self, look: &Look, hold_file: Option<&Path>) {
+        if !look.held {
+            self.held_since = None;
+            return;
+        }
+        let since = *self.held_since.get_or_insert(look.now);
+        if self
+            .last_note
+            .is_some_and(|at| look.now.saturating_duration_since(at) < HOLD_NOTE)
+        {
+            return;
+        }
+        self.last_note = Some(look.now);
+        eprintln!(
+            "Holding for {:.0}s while {} exists -- {} dirty sectors",
+            look.now.saturating_duration_since(since).as_secs_f64(),
+            hold_file.map_or("the hold file".into(), |p| p.display().to_string()),
+            look.dirty_bytes / SECTOR_BYTES
+        );
+    }
+}
+
+/// One round: read what the look took, and with `remark` mark it again.
+fn read_round<W: World>(
+    world: &mut W,
+    rounds: &Rounds,
+    stats: &mut Vec<RoundStats>,
+    look: &Look,
+    extents: &[Extent],
+    remark: bool,
+) -> anyhow::Result<()> {
+    let read = world.read(extents)?;
+    if remark {
+        // A write in flight during these reads may land after them, and
+        // no completion event will say so.
+        world.put_back(extents);
+    }
+    let round = RoundStats {
+        round: stats.len() as u32 + 1,
+        dirty_bytes: look.dirty_bytes,
+        extents: extents.len(),
+        bytes_read: read.bytes_read,
+        seconds: read.seconds,
+        unsettled: remark,
+        held: look.held,
+        frozen: rounds.is_frozen(),
+        pending_sectors: look.pending.sectors,
+    };
+    eprintln!(
+        "Round {}: {} in {} extents read in {:.0} ms{}{}",
+        round.round,
+        Bytes(round.bytes_read),
+        round.extents,
+        round.seconds * 1000.0,
+        if remark {
+            " (writes in flight: will read again)"
+        } else {
+            ""
+        },
+        if look.held { " (held)" } else { "" }
+    );
+    stats.push(round);
+    Ok(())
+}
+
+fn converge<W: World>(world: &mut W, round_count: usize) -> anyhow::Result<Ending> {
+    world.thaw()?;
+    eprintln!(
+        "Converged after {round_count} round{}: nothing changed and no write in flight",
+        if round_count == 1 { "" } else { "s" }
+    );
+    Ok(Ending::Converged)
+}
+
+/// Out of rounds: what is dirty now (what the look took, put back, and
+/// what was marked since) may be older in the image than on the device.
+fn end_unconverged<W: World>(
+    world: &mut W,
+    rounds: &Rounds,
+    device_bytes: u64,
+) -> anyhow::Result<Ending> {
+    world.thaw()?;
+    let changed_bytes = world.dirty_bytes().min(device_bytes);
+    eprintln!(
+        "WARNING: writes did not quiesce within {} catch-up rounds: {} changed during the last round and may be older in the image than on the device; the image is marked NOT converged",
+        rounds.config.rounds_max,
+        Bytes(changed_bytes)
+    );
+    world.mark_unconverged(changed_bytes)?;
+    Ok(Ending::Unconverged { changed_bytes })
+}
+
+/// While held frozen (a test hook), the pause between looks.
+const HOLD_FROZEN_PAUSE: Duration = Duration::from_millis(5);
+
+/// The first pause between looks while writes are in flight; each next
+/// one doubles, up to [`WAIT_MAX`].
+const WAIT_FIRST: Duration = Duration::from_micros(50);
 
 /// The longest pause between looks while writes are in flight.
 const WAIT_MAX: Duration = Duration::from_millis(5);

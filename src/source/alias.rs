@@ -69,8 +69,8 @@ pub fn alias_findings(
     findings
 }
 
-// From <linux/loop.h>.
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+// From <linux/loop.h>: an old-style request number, not _IOR-encoded.
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
 
 /// `struct loop_info64` from <linux/loop.h>.
 #[repr(C)]
@@ -92,23 +92,37 @@ struct LoopInfo64 {
 
 const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
 
+impl LoopInfo64 {
+    const ZEROED: LoopInfo64 = LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: 0,
+        lo_file_name: [0; 64],
+        lo_crypt_name: [0; 64],
+        lo_encrypt_key: [0; 32],
+        lo_init: [0; 2],
+    };
+}
+
 /// The identity of the file behind an open loop device (or a partition of
 /// one), from LOOP_GET_STATUS64: it names the inode even when the file has
 /// been deleted or lives in another mount namespace. None for a loop device
 /// with no file attached.
 pub fn loop_backing(device: &File) -> io::Result<Option<FileId>> {
-    // SAFETY: all-zero bytes are a valid LoopInfo64 (integers and arrays).
-    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    let mut info = LoopInfo64::ZEROED;
     // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64 through the
     // pointer, which points at a live local of that layout (size checked
     // above) for the duration of the call.
-    let rc = unsafe { libc::ioctl(device.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) };
-    if rc < 0 {
-        let error = io::Error::last_os_error();
-        return match error.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(error),
-        };
+    match unsafe { loop_get_status64(device.as_raw_fd(), &mut info) } {
+        Ok(_) => {}
+        Err(nix::errno::Errno::ENXIO) => return Ok(None),
+        Err(errno) => return Err(errno.into()),
     }
     // lo_device is the kernel's huge_encode_dev, which glibc's major/minor
     // decode (the same layout below 2^32).

@@ -82,19 +82,22 @@ pub fn device_for_new_file(path: &Path) -> io::Result<Option<DevNum>> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot stat {}: {e}", probe.display())))
 }
 
-// From <linux/fs.h>: _IOR(0x12, 114, size_t) and _IO(0x12, 104).
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKSSZGET: libc::c_ulong = 0x1268;
+// From <linux/fs.h>: BLKGETSIZE64 is _IOR(0x12, 114, size_t), BLKSSZGET
+// _IO(0x12, 104) but writes an int, BLKRRPART _IO(0x12, 95).
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blksszget, nix::request_code_none!(0x12, 104), libc::c_int);
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+
+const _: () = assert!(nix::request_code_read!(0x12, 114, 8) == 0x8008_1272);
+const _: () = assert!(nix::request_code_none!(0x12, 104) == 0x1268);
+const _: () = assert!(nix::request_code_none!(0x12, 95) == 0x125f);
 
 /// Size in bytes of an open block device.
 pub fn size_bytes(file: &File) -> io::Result<u64> {
     let mut bytes: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
     // at a live local for the duration of the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut bytes) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut bytes) }?;
     Ok(bytes)
 }
 
@@ -103,25 +106,16 @@ pub fn logical_block_bytes(file: &File) -> io::Result<u32> {
     let mut bytes: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points at
     // a live local for the duration of the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut bytes) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { blksszget(file.as_raw_fd(), &mut bytes) }?;
     Ok(bytes as u32)
 }
-
-// _IO(0x12, 95) from <linux/fs.h>.
-const BLKRRPART: libc::c_ulong = 0x125f;
 
 /// Asks the kernel to re-read the partition table of an open whole disk.
 /// EINVAL means the device does not support partitions (a loop device
 /// without partition scanning, zram); EBUSY that a partition is open.
 pub fn reread_partitions(file: &File) -> io::Result<()> {
     // SAFETY: BLKRRPART takes no argument and touches no user memory.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKRRPART as _, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { blkrrpart(file.as_raw_fd()) }?;
     Ok(())
 }
 

@@ -78,9 +78,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
+// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int); both
+// ignore their argument.
+const FIFREEZE: libc::c_ulong =
+    nix::request_code_readwrite!(b'X', 119, size_of::<libc::c_int>()) as libc::c_ulong;
+const FITHAW: libc::c_ulong =
+    nix::request_code_readwrite!(b'X', 120, size_of::<libc::c_int>()) as libc::c_ulong;
+const _: () = assert!(FIFREEZE == 0xC004_5877 && FITHAW == 0xC004_5878);
+nix::ioctl_write_int_bad!(fifreeze, FIFREEZE);
+nix::ioctl_write_int_bad!(fithaw, FITHAW);
+
+/// FIFREEZE on the filesystem `dir` is on.
+fn freeze_fs(dir: &File) -> io::Result<()> {
+    // SAFETY: FIFREEZE passes its int argument by value and touches no
+    // user memory; the fd is open for the call.
+    unsafe { fifreeze(dir.as_raw_fd(), 0) }?;
+    Ok(())
+}
+
+/// FITHAW on the filesystem `dir` is on.
+fn thaw_fs(dir: &File) -> io::Result<()> {
+    // SAFETY: as for FIFREEZE.
+    unsafe { fithaw(dir.as_raw_fd(), 0) }?;
+    Ok(())
+}
 
 /// A mounted filesystem: its device and where it is mounted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +181,14 @@ struct FrozenMount {
     path: PathBuf,
 }
 
+/// What went wrong undoing a freeze, one message each (a filesystem left
+/// frozen says how to thaw it by hand; the guardian; stderr's hold).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", errors.join("; "))]
+pub struct ThawError {
+    pub errors: Vec<String>,
+}
+
 /// Frozen filesystems; thawed when dropped (or by [`Frozen::thaw`]).
 pub struct Frozen {
     frozen: Vec<FrozenMount>,
@@ -193,10 +222,7 @@ impl Frozen {
             // Registered before the ioctl: a second signal arriving just
             // after it returns must find it.
             let emergency = Emergency::ioctl(dir.as_raw_fd(), FITHAW);
-            // SAFETY: FIFREEZE takes an int argument it ignores; the fd is ours.
-            let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) };
-            if rc != 0 {
-                let error = std::io::Error::last_os_error();
+            if let Err(error) = freeze_fs(&dir) {
                 drop(emergency);
                 return Err(error).with_context(|| {
                     format!(
@@ -213,6 +239,7 @@ impl Frozen {
             });
         }
         frozen.since = Instant::now();
+        tracing::debug!("freeze: froze {}", frozen.describe());
         Ok(frozen)
     }
 
@@ -232,13 +259,15 @@ impl Frozen {
 
     /// Thaws everything, tells the guardian, prints what stderr held, and
     /// returns how long it was frozen.
+    /// An error is a [`ThawError`] (anyhow until the imaging run's errors
+    /// are typed).
     pub fn thaw(mut self) -> anyhow::Result<Duration> {
         let held = self.since.elapsed();
         let errors = self.thaw_all();
         if errors.is_empty() {
             Ok(held)
         } else {
-            bail!("{}", errors.join("; "))
+            Err(ThawError { errors }.into())
         }
     }
 
@@ -246,13 +275,10 @@ impl Frozen {
         let mut errors = Vec::new();
         // Thaw in reverse order of freezing.
         while let Some(mount) = self.frozen.pop() {
-            // SAFETY: FITHAW takes an int argument it ignores; the fd is ours.
-            let rc = unsafe { libc::ioctl(mount.dir.as_raw_fd(), FITHAW as _, 0) };
-            if rc != 0 {
+            if let Err(error) = thaw_fs(&mount.dir) {
                 errors.push(format!(
-                    "cannot thaw {}: {}; thaw it with `fsfreeze -u {}`",
+                    "cannot thaw {}: {error}; thaw it with `fsfreeze -u {}`",
                     mount.path.display(),
-                    std::io::Error::last_os_error(),
                     mount.path.display()
                 ));
             }
@@ -274,7 +300,7 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         for error in self.thaw_all() {
-            eprintln!("hot-clone: ERROR: {error}");
+            tracing::error!("hot-clone: ERROR: {error}");
         }
     }
 }
@@ -417,7 +443,7 @@ pub fn guardian_main(parent: u32, items: &[std::ffi::OsString]) -> ExitCode {
     // Stop signals stay pending, never delivered: only SIGKILL ends it.
     let mut blocked = nix::sys::signal::SigSet::empty();
     for signal in crate::signals::STOP_SIGNALS {
-        blocked.add(nix::sys::signal::Signal::try_from(signal).expect("a valid signal"));
+        blocked.add(signal);
     }
     let _ = blocked.thread_block();
     // SAFETY: close_range on descriptors this fresh process inherited and
@@ -516,12 +542,9 @@ fn guardian_open(items: &[std::ffi::OsString]) -> anyhow::Result<Vec<(File, Path
 fn guardian_thaw(parent: u32, dirs: &[(File, PathBuf)]) {
     let mut kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
     for (dir, path) in dirs.iter().rev() {
-        // SAFETY: FITHAW takes an int argument it ignores; the fd is ours.
-        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW as _, 0) };
-        let outcome = if rc == 0 {
-            "thawed it".to_string()
-        } else {
-            format!("FITHAW: {}", io::Error::last_os_error())
+        let outcome = match thaw_fs(dir) {
+            Ok(()) => "thawed it".to_string(),
+            Err(error) => format!("FITHAW: {error}"),
         };
         if let Some(kmsg) = kmsg.as_mut() {
             // One write: each write(2) to /dev/kmsg is one record.
@@ -560,6 +583,18 @@ garbage
         assert_eq!(mounts[1].mountpoint, PathBuf::from("/mnt/a b"));
         assert_eq!(mounts[1].dev, DevNum { major: 7, minor: 3 });
         assert_eq!(mounts[1].fs_type, "ext4");
+    }
+
+    #[test]
+    fn thaw_errors_join_in_one_message() {
+        let error = anyhow::Error::from(ThawError {
+            errors: vec![
+                "cannot thaw /mnt/a: EIO".to_string(),
+                "guardian".to_string(),
+            ],
+        });
+        assert_eq!(error.to_string(), "cannot thaw /mnt/a: EIO; guardian");
+        assert!(error.downcast_ref::<ThawError>().is_some());
     }
 
     #[test]

@@ -14,6 +14,33 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// Why [`SourceDevice::refuse_aliases`] did not let a loop device through.
+#[derive(Debug, thiserror::Error)]
+pub enum AliasError {
+    /// LOOP_GET_STATUS64 failed: whether the backing file is written
+    /// another way cannot be told.
+    #[error(
+        "cannot ask loop device {} which file is behind it (LOOP_GET_STATUS64)",
+        path.display()
+    )]
+    LoopStatus {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    /// Its backing file can be written around the traced queue: each
+    /// finding is one sentence of [`alias::alias_findings`].
+    #[error(
+        "refusing to image {}: its data can be written without passing through its queue, where the trace watches, so the image could miss those writes: {}. Or use --force to image it anyway, knowing such writes are not captured",
+        path.display(),
+        findings.join("; ")
+    )]
+    Aliased {
+        path: PathBuf,
+        findings: Vec<String>,
+    },
+}
+
 #[derive(Debug)]
 pub struct SourceDevice {
     /// The path as given.
@@ -86,15 +113,13 @@ impl SourceDevice {
     /// another way — a second loop device on it, or a process with it open
     /// for writing or mapped shared — since those writes bypass the queue
     /// the trace watches ([`blockdev::alias`]). Other devices pass.
-    pub fn refuse_aliases(&self) -> anyhow::Result<()> {
+    pub fn refuse_aliases(&self) -> Result<(), AliasError> {
         if !self.disk_name.starts_with("loop") {
             return Ok(());
         }
-        let backing = alias::loop_backing(&self.file).with_context(|| {
-            format!(
-                "cannot ask loop device {} which file is behind it (LOOP_GET_STATUS64)",
-                self.path.display()
-            )
+        let backing = alias::loop_backing(&self.file).map_err(|error| AliasError::LoopStatus {
+            path: self.path.clone(),
+            error,
         })?;
         let Some(backing) = backing else {
             return Ok(());
@@ -112,11 +137,10 @@ impl SourceDevice {
             &alias::writers_of(backing),
         );
         if !findings.is_empty() {
-            bail!(
-                "refusing to image {}: its data can be written without passing through its queue, where the trace watches, so the image could miss those writes: {}. Or use --force to image it anyway, knowing such writes are not captured",
-                self.path.display(),
-                findings.join("; ")
-            );
+            return Err(AliasError::Aliased {
+                path: self.path.clone(),
+                findings,
+            });
         }
         Ok(())
     }
@@ -140,4 +164,26 @@ fn read_u64(path: &Path) -> anyhow::Result<u64> {
     text.trim()
         .parse()
         .with_context(|| format!("{}: not a number: {text:?}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_refusal_names_each_finding() {
+        let refusal = AliasError::Aliased {
+            path: PathBuf::from("/dev/loop3"),
+            findings: vec!["first".to_string(), "second".to_string()],
+        };
+        let message = refusal.to_string();
+        assert!(
+            message.starts_with("refusing to image /dev/loop3: its data can be written"),
+            "{message}"
+        );
+        assert!(
+            message.contains("writes: first; second. Or use --force"),
+            "{message}"
+        );
+    }
 }

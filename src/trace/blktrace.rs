@@ -18,7 +18,8 @@
 //! zone append, zone reset) and `BLK_TC_READ` otherwise, so a bare flush is
 //! `READ | FLUSH`, and write-zeroes in a version 7 record is a plain `WRITE`.
 
-use super::{DevT, Phase, SECTOR_BYTES, WriteEvent, WriteKind};
+use super::{DevT, Phase, WriteEvent, WriteKind};
+use crate::geom::SECTOR_BYTES;
 
 /// `BLK_IO_TRACE_MAGIC`: the top 24 bits of `magic`; the low 8 are the version.
 pub const MAGIC: u32 = 0x6561_7400;

@@ -28,8 +28,6 @@ pub mod tracefs;
 
 use std::fmt;
 
-pub use crate::geom::SECTOR_BYTES;
-
 /// A device number in the kernel's internal encoding, `major << 20 | minor`
 /// (`MINORBITS` = 20), as trace events carry it and as tracefs filters
 /// (`dev == N`) compare it. This is *not* the userspace `dev_t` of `stat(2)`;

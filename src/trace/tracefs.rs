@@ -979,6 +979,13 @@ struct FieldSpan {
 }
 
 impl FieldSpan {
+    fn of(field: &FieldFormat) -> FieldSpan {
+        FieldSpan {
+            offset_bytes: field.offset_bytes,
+            size_bytes: field.size_bytes,
+        }
+    }
+
     /// Saturates: a span past `usize::MAX` fails the payload length check.
     fn end_bytes(self) -> usize {
         self.offset_bytes.saturating_add(self.size_bytes)
@@ -1171,69 +1178,91 @@ impl BlockDecoder {
     }
 }
 
-impl EventDecoder {
-    fn new(event_type: BlockEventType, format: &EventFormat) -> Result<EventDecoder, DecoderError> {
-        let event = event_type.name();
-        let find = |field: &'static str| {
-            format
-                .field(field)
-                .ok_or(DecoderError::MissingField { event, field })
-        };
-        let integer = |field: &'static str, sizes: &[usize], expected: &'static str| {
-            let found = find(field)?;
-            if !sizes.contains(&found.size_bytes) || found.is_dynamic || found.array_len.is_some() {
-                return Err(DecoderError::FieldSize {
-                    event,
-                    field,
-                    size_bytes: found.size_bytes,
-                    expected,
-                });
-            }
-            Ok(FieldSpan {
-                offset_bytes: found.offset_bytes,
-                size_bytes: found.size_bytes,
-            })
-        };
-        let pid = integer("common_pid", &[4], "4")?;
-        let dev = integer("dev", &[4], "4 (dev_t)")?;
-        let sector = integer("sector", &[8], "8 (sector_t)")?;
-        let nr_sector = integer("nr_sector", &[4, 8], "4 or 8")?;
-        let error = match format.field("error") {
-            Some(_) => Some(integer("error", &[4], "4 (int)")?),
-            None => None,
-        };
-        let rwbs_field = find("rwbs")?;
-        if rwbs_field.size_bytes == 0 || rwbs_field.size_bytes > RWBS_BYTES_MAX {
-            return Err(DecoderError::FieldSize {
-                event,
-                field: "rwbs",
-                size_bytes: rwbs_field.size_bytes,
-                expected: "1 to 16 (char array)",
-            });
+/// The fields of one event's format, checked for what the decoder reads;
+/// errors name the event.
+struct Fields<'a> {
+    event: &'static str,
+    format: &'a EventFormat,
+}
+
+impl Fields<'_> {
+    fn find(&self, field: &'static str) -> Result<&FieldFormat, DecoderError> {
+        self.format.field(field).ok_or(DecoderError::MissingField {
+            event: self.event,
+            field,
+        })
+    }
+
+    fn size_error(
+        &self,
+        field: &'static str,
+        found: &FieldFormat,
+        expected: &'static str,
+    ) -> DecoderError {
+        DecoderError::FieldSize {
+            event: self.event,
+            field,
+            size_bytes: found.size_bytes,
+            expected,
         }
-        let rwbs = FieldSpan {
-            offset_bytes: rwbs_field.offset_bytes,
-            size_bytes: rwbs_field.size_bytes,
-        };
-        let comm = match format.field("comm") {
-            None => None,
+    }
+
+    /// A plain integer of one of `sizes` bytes.
+    fn integer(
+        &self,
+        field: &'static str,
+        sizes: &[usize],
+        expected: &'static str,
+    ) -> Result<FieldSpan, DecoderError> {
+        let found = self.find(field)?;
+        if !sizes.contains(&found.size_bytes) || found.is_dynamic || found.array_len.is_some() {
+            return Err(self.size_error(field, found, expected));
+        }
+        Ok(FieldSpan::of(found))
+    }
+
+    /// `rwbs`: a char array of 1 to [`RWBS_BYTES_MAX`] bytes.
+    fn rwbs(&self) -> Result<FieldSpan, DecoderError> {
+        let found = self.find("rwbs")?;
+        if found.size_bytes == 0 || found.size_bytes > RWBS_BYTES_MAX {
+            return Err(self.size_error("rwbs", found, "1 to 16 (char array)"));
+        }
+        Ok(FieldSpan::of(found))
+    }
+
+    /// `comm`, if the event has it: a fixed char array of 1 to
+    /// [`COMM_BYTES_MAX`] bytes.
+    fn comm(&self) -> Result<Option<FieldSpan>, DecoderError> {
+        match self.format.field("comm") {
+            None => Ok(None),
             Some(found)
                 if found.size_bytes == 0
                     || found.size_bytes > COMM_BYTES_MAX
                     || found.is_dynamic =>
             {
-                return Err(DecoderError::FieldSize {
-                    event,
-                    field: "comm",
-                    size_bytes: found.size_bytes,
-                    expected: "1 to 16 (char array)",
-                });
+                Err(self.size_error("comm", found, "1 to 16 (char array)"))
             }
-            Some(found) => Some(FieldSpan {
-                offset_bytes: found.offset_bytes,
-                size_bytes: found.size_bytes,
-            }),
+            Some(found) => Ok(Some(FieldSpan::of(found))),
+        }
+    }
+}
+
+impl EventDecoder {
+    fn new(event_type: BlockEventType, format: &EventFormat) -> Result<EventDecoder, DecoderError> {
+        let fields = Fields {
+            event: event_type.name(),
+            format,
         };
+        let pid = fields.integer("common_pid", &[4], "4")?;
+        let dev = fields.integer("dev", &[4], "4 (dev_t)")?;
+        let sector = fields.integer("sector", &[8], "8 (sector_t)")?;
+        let nr_sector = fields.integer("nr_sector", &[4, 8], "4 or 8")?;
+        let error = match format.field("error") {
+            Some(_) => Some(fields.integer("error", &[4], "4 (int)")?),
+            None => None,
+        };
+        let rwbs = fields.rwbs()?;
+        let comm = fields.comm()?;
         let payload_bytes_min = [
             Some(pid),
             Some(dev),

@@ -412,6 +412,21 @@ fn writes_that_never_stop_end_unconverged() {
 }
 
 #[test]
+fn out_of_rounds_counts_what_the_last_look_took_as_changed() {
+    // Nothing marks a block between the last look and the count: what it
+    // says changed is what that look took, put back unread.
+    let writes = (0..2000)
+        .map(|i| Write::at(u64::from(i % 4), i + 1, 5 + i, 5 + i, 6 + i))
+        .collect();
+    let mut sim = Sim::new(4, writes);
+    let Ending::Unconverged { changed_bytes } = run(&mut sim, false) else {
+        panic!("writes that never stop converged");
+    };
+    assert!(changed_bytes >= BLOCK_BYTES, "{changed_bytes}");
+    assert_eq!(changed_bytes, sim.dirty.len() as u64 * BLOCK_BYTES);
+}
+
+#[test]
 fn held_rounds_do_not_count() {
     let writes = (0..100)
         .map(|i| Write::at(u64::from(i % 4), i + 1, 5 + i * 2, 5 + i * 2, 6 + i * 2))

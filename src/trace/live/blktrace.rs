@@ -18,7 +18,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,20 +59,23 @@ const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, start_lba) == 48);
 const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, end_lba) == 56);
 const _: () = assert!(std::mem::offset_of!(BlkUserTraceSetup, pid) == 64);
 
-/// `_IOWR(0x12, 115, struct blk_user_trace_setup)`.
-const BLKTRACESETUP: libc::c_ulong = 0xc048_1273;
-/// `_IO(0x12, 116)`, `_IO(0x12, 117)`, `_IO(0x12, 118)`.
-const BLKTRACESTART: libc::c_ulong = 0x1274;
-const BLKTRACESTOP: libc::c_ulong = 0x1275;
-const BLKTRACETEARDOWN: libc::c_ulong = 0x1276;
+// `_IOWR(0x12, 115, struct blk_user_trace_setup)`; `_IO(0x12, 116)`,
+// `_IO(0x12, 117)`, `_IO(0x12, 118)`.
+nix::ioctl_readwrite!(blktrace_setup, 0x12, 115, BlkUserTraceSetup);
+nix::ioctl_none!(blktrace_start, 0x12, 116);
+nix::ioctl_none!(blktrace_stop, 0x12, 117);
+nix::ioctl_none!(blktrace_teardown, 0x12, 118);
+/// The requests a second signal's handler issues (`crate::signals`).
+const BLKTRACESTOP: libc::c_ulong = nix::request_code_none!(0x12, 117) as libc::c_ulong;
+const BLKTRACETEARDOWN: libc::c_ulong = nix::request_code_none!(0x12, 118) as libc::c_ulong;
 
-const _: () = assert!(
-    BLKTRACESETUP
-        == (3 << 30)
-            | ((std::mem::size_of::<BlkUserTraceSetup>() as libc::c_ulong) << 16)
-            | (0x12 << 8)
-            | 115
-);
+/// The argument-less blktrace ioctls.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    Start,
+    Stop,
+    Teardown,
+}
 
 /// Relay sub-buffer size, the original's `-blktrace.bufsize` default.
 const SUBBUF_BYTES: u64 = 65_536;
@@ -95,12 +97,16 @@ struct Session {
 }
 
 impl Session {
-    fn ioctl(&self, request: libc::c_ulong) -> io::Result<()> {
-        // SAFETY: these ioctls take no argument.
-        let rc = unsafe { libc::ioctl(self.disk.as_raw_fd(), request as _, 0) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    fn control(&self, control: Control) -> io::Result<()> {
+        let fd = self.disk.as_raw_fd();
+        // SAFETY: these ioctls take no argument and touch no user memory.
+        unsafe {
+            match control {
+                Control::Start => blktrace_start(fd),
+                Control::Stop => blktrace_stop(fd),
+                Control::Teardown => blktrace_teardown(fd),
+            }
+        }?;
         Ok(())
     }
 }
@@ -108,10 +114,10 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         if self.started {
-            let _ = self.ioctl(BLKTRACESTOP);
+            let _ = self.control(Control::Stop);
         }
-        if let Err(error) = self.ioctl(BLKTRACETEARDOWN) {
-            eprintln!("hot-clone: warning: BLKTRACETEARDOWN failed: {error}");
+        if let Err(error) = self.control(Control::Teardown) {
+            tracing::warn!("hot-clone: warning: BLKTRACETEARDOWN failed: {error}");
         }
     }
 }
@@ -183,18 +189,10 @@ fn open_disk(target: &TraceTarget, name: &str) -> Result<File, LiveError> {
     ));
     fs::create_dir(&dir).map_err(|error| io_error("cannot create", &dir, error))?;
     let node = dir.join(name);
-    let c_node = std::ffi::CString::new(node.as_os_str().as_bytes())
-        .map_err(|_| LiveError::InvalidTarget(format!("device name {name:?}")))?;
-    // SAFETY: a NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::mknod(c_node.as_ptr(), libc::S_IFBLK | 0o600, rdev) };
-    let result = if rc != 0 {
-        Err(io_error(
-            "cannot create device node",
-            &node,
-            io::Error::last_os_error(),
-        ))
-    } else {
-        File::open(&node).map_err(|error| io_error("cannot open", &node, error))
+    use nix::sys::stat::{Mode, SFlag, mknod};
+    let result = match mknod(&node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), rdev) {
+        Err(errno) => Err(io_error("cannot create device node", &node, errno.into())),
+        Ok(()) => File::open(&node).map_err(|error| io_error("cannot open", &node, error)),
     };
     let _ = fs::remove_file(&node);
     let _ = fs::remove_dir(&dir);
@@ -215,6 +213,7 @@ impl Debugfs {
         if root.join("block").is_dir() {
             return Ok(Debugfs::System(root));
         }
+        tracing::debug!("blktrace: debugfs is not mounted; mounting it privately");
         sys::PrivateMount::new("debugfs")
             .map(Debugfs::Private)
             .map_err(|error| LiveError::DebugfsMissing { error })
@@ -249,7 +248,8 @@ fn lockdown_reason() -> String {
     }
 }
 
-/// Opens a blktrace source for `target` (see [`super::open_source`]).
+/// Opens a blktrace source for `target` (see [`super::open_source`]):
+/// `BLKTRACESETUP`, the relay files opened, then `BLKTRACESTART`.
 pub fn open_blktrace(
     target: &TraceTarget,
     config: &SourceConfig,
@@ -265,78 +265,15 @@ pub fn open_blktrace(
     // guessing from the lockdown mode up front, which needs securityfs.
     let debugfs = Debugfs::find()?;
     let disk = open_disk(target, &name)?;
-
-    let subbuf_count =
-        (config.buffer_bytes_per_cpu / SUBBUF_BYTES).clamp(SUBBUF_COUNT_MIN, SUBBUF_COUNT_MAX);
-    let mut setup = BlkUserTraceSetup {
-        name: [0; 32],
-        // Every operation the kernel counts as a write (op number odd):
-        // writes, discards, secure erases, write-zeroes, zone appends and
-        // resets; and every passthrough command, whatever its direction
-        // (`act_log_check` keeps a record if any of its categories is in
-        // the mask; `blk_add_trace_rq` adds `BLK_TC_PC` to passthrough
-        // requests, and a `REQ_OP_DRV_IN` one such as NVMe Write Zeroes
-        // carries `READ`, not `WRITE`), so they are counted as unplaceable.
-        act_mask: (category::WRITE | category::PC) as u16,
-        buf_size: SUBBUF_BYTES as u32,
-        buf_nr: subbuf_count as u32,
-        // 0..0 is the whole disk. The kernel filters on a record's first
-        // sector only, so a narrower range would lose writes straddling its
-        // start; the range is clipped here instead.
-        start_lba: 0,
-        end_lba: 0,
-        pid: 0,
-    };
-    // SAFETY: BLKTRACESETUP reads and writes one blk_user_trace_setup through
-    // the pointer, which points at a live local for the call.
-    let rc = unsafe { libc::ioctl(disk.as_raw_fd(), BLKTRACESETUP as _, &mut setup) };
-    if rc < 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EBUSY) {
-            return Err(LiveError::BlktraceBusy { disk: name });
-        }
-        return Err(io_error(
-            "BLKTRACESETUP failed on",
-            Path::new(&format!("/dev/{name}")),
-            error,
-        ));
-    }
+    let subbuf_count = subbuf_count(config.buffer_bytes_per_cpu);
     // From here on, dropping `session` tears the trace down.
-    let mut session = Session {
-        _emergency: [
-            crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACESTOP),
-            crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACETEARDOWN),
-        ],
-        disk,
-        started: false,
-    };
-    let length = setup
-        .name
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(setup.name.len());
-    let trace_name = String::from_utf8_lossy(&setup.name[..length]).into_owned();
+    let (mut session, trace_name) = Session::set_up(disk, &name, subbuf_count)?;
     let dir = debugfs.root().join("block").join(&trace_name);
     // Paths as the operator knows them, for messages.
     let display_dir = PathBuf::from(DEBUGFS_ROOT).join("block").join(&trace_name);
 
     let cpus = sys::online_cpus()?;
-    let mut files = Vec::with_capacity(cpus.len());
-    for &cpu in &cpus {
-        let file_name = format!("trace{cpu}");
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(dir.join(&file_name))
-            .map_err(|error| match error.raw_os_error() {
-                Some(libc::EPERM) => LiveError::Lockdown {
-                    path: display_dir.join(&file_name),
-                    reason: lockdown_reason(),
-                },
-                _ => io_error("cannot open", &display_dir.join(&file_name), error),
-            })?;
-        files.push(file);
-    }
+    let files = open_relay_files(&dir, &display_dir, &cpus)?;
     let dropped_path = display_dir.join("dropped");
     let dropped_file = File::open(dir.join("dropped"))
         .map_err(|error| io_error("cannot open", &dropped_path, error))?;
@@ -345,7 +282,7 @@ pub fn open_blktrace(
     let reader = PipeReader::new(files, READ_BYTES, 1, RECORD_BYTES_MAX, ReadMethod::IoUring);
     let slots = cpus.len();
 
-    session.ioctl(BLKTRACESTART).map_err(|error| {
+    session.control(Control::Start).map_err(|error| {
         io_error(
             "BLKTRACESTART failed on",
             Path::new(&format!("/dev/{name}")),
@@ -353,16 +290,11 @@ pub fn open_blktrace(
         )
     })?;
     session.started = true;
-    // sysfs shows the session while it exists (`sysfs_blk_trace_attr_show`:
-    // `enable` is 1 while the queue has a blk_trace, `act_mask` and the LBA
-    // range as set up); a teardown by another tool (`blktrace -k`) or a
-    // write to these files changes them. A bare BLKTRACESTOP by another
-    // process leaves them as they are: not detectable here.
-    let sysfs_dir = PathBuf::from(format!("/sys/block/{name}/trace"));
-    let mut watched = vec![Watched::expect(sysfs_dir.join("enable"), "1")?];
-    for file in ["act_mask", "start_lba", "end_lba", "pid"] {
-        watched.push(Watched::record(sysfs_dir.join(file))?);
-    }
+    let watched = watch_session(&name)?;
+    tracing::debug!(
+        "blktrace: /dev/{name} as {}, {subbuf_count} x {SUBBUF_BYTES} bytes of relay per CPU on {slots} CPUs",
+        display_dir.display()
+    );
 
     Ok(BlktraceSource {
         reader,
@@ -383,6 +315,112 @@ pub fn open_blktrace(
         text_buf: vec![0; 64].into_boxed_slice(),
         _session: session,
     })
+}
+
+/// Relay sub-buffers per CPU for `buffer_bytes_per_cpu`, within bounds.
+fn subbuf_count(buffer_bytes_per_cpu: u64) -> u64 {
+    (buffer_bytes_per_cpu / SUBBUF_BYTES).clamp(SUBBUF_COUNT_MIN, SUBBUF_COUNT_MAX)
+}
+
+/// What `BLKTRACESETUP` asks for: every write of the whole disk, in
+/// `subbuf_count` relay sub-buffers per CPU.
+fn setup_request(subbuf_count: u64) -> BlkUserTraceSetup {
+    BlkUserTraceSetup {
+        name: [0; 32],
+        // Every operation the kernel counts as a write (op number odd):
+        // writes, discards, secure erases, write-zeroes, zone appends and
+        // resets; and every passthrough command, whatever its direction
+        // (`act_log_check` keeps a record if any of its categories is in
+        // the mask; `blk_add_trace_rq` adds `BLK_TC_PC` to passthrough
+        // requests, and a `REQ_OP_DRV_IN` one such as NVMe Write Zeroes
+        // carries `READ`, not `WRITE`), so they are counted as unplaceable.
+        act_mask: (category::WRITE | category::PC) as u16,
+        buf_size: SUBBUF_BYTES as u32,
+        buf_nr: subbuf_count as u32,
+        // 0..0 is the whole disk. The kernel filters on a record's first
+        // sector only, so a narrower range would lose writes straddling its
+        // start; the range is clipped here instead.
+        start_lba: 0,
+        end_lba: 0,
+        pid: 0,
+    }
+}
+
+impl Session {
+    /// `BLKTRACESETUP` on `disk` (kernel name `name`): the session, and
+    /// the name of its debugfs directory.
+    fn set_up(disk: File, name: &str, subbuf_count: u64) -> Result<(Session, String), LiveError> {
+        let mut setup = setup_request(subbuf_count);
+        // SAFETY: BLKTRACESETUP reads and writes one blk_user_trace_setup
+        // through the pointer, which points at a live local for the call.
+        match unsafe { blktrace_setup(disk.as_raw_fd(), &mut setup) } {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(LiveError::BlktraceBusy {
+                    disk: name.to_string(),
+                });
+            }
+            Err(errno) => {
+                return Err(io_error(
+                    "BLKTRACESETUP failed on",
+                    Path::new(&format!("/dev/{name}")),
+                    errno.into(),
+                ));
+            }
+        }
+        let session = Session {
+            _emergency: [
+                crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACESTOP),
+                crate::signals::Emergency::ioctl(disk.as_raw_fd(), BLKTRACETEARDOWN),
+            ],
+            disk,
+            started: false,
+        };
+        let length = setup
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(setup.name.len());
+        let trace_name = String::from_utf8_lossy(&setup.name[..length]).into_owned();
+        Ok((session, trace_name))
+    }
+}
+
+/// Opens `traceN` in `dir` for each of `cpus`, non-blocking; `display_dir`
+/// names them in messages. EPERM is lockdown's refusal.
+fn open_relay_files(dir: &Path, display_dir: &Path, cpus: &[u32]) -> Result<Vec<File>, LiveError> {
+    let mut files = Vec::with_capacity(cpus.len());
+    for &cpu in cpus {
+        let file_name = format!("trace{cpu}");
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(dir.join(&file_name))
+            .map_err(|error| match error.raw_os_error() {
+                Some(libc::EPERM) => LiveError::Lockdown {
+                    path: display_dir.join(&file_name),
+                    reason: lockdown_reason(),
+                },
+                _ => io_error("cannot open", &display_dir.join(&file_name), error),
+            })?;
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// `/sys/block/NAME/trace/*` as set up, to notice a change from outside.
+fn watch_session(name: &str) -> Result<Vec<Watched>, LiveError> {
+    // sysfs shows the session while it exists (`sysfs_blk_trace_attr_show`:
+    // `enable` is 1 while the queue has a blk_trace, `act_mask` and the LBA
+    // range as set up); a teardown by another tool (`blktrace -k`) or a
+    // write to these files changes them. A bare BLKTRACESTOP by another
+    // process leaves them as they are: not detectable here.
+    let sysfs_dir = PathBuf::from(format!("/sys/block/{name}/trace"));
+    let mut watched = vec![Watched::expect(sysfs_dir.join("enable"), "1")?];
+    for file in ["act_mask", "start_lba", "end_lba", "pid"] {
+        watched.push(Watched::record(sysfs_dir.join(file))?);
+    }
+    Ok(watched)
 }
 
 impl BlktraceSource {
@@ -617,10 +655,26 @@ mod tests {
 
     #[test]
     fn ioctl_numbers() {
-        assert_eq!(BLKTRACESETUP, 0xc048_1273);
-        assert_eq!(BLKTRACESTART, 0x1274);
+        // The numbers <linux/fs.h> gives, against what nix computes.
+        let setup_bytes = std::mem::size_of::<BlkUserTraceSetup>();
+        assert_eq!(
+            nix::request_code_readwrite!(0x12, 115, setup_bytes),
+            0xc048_1273
+        );
+        assert_eq!(nix::request_code_none!(0x12, 116), 0x1274);
         assert_eq!(BLKTRACESTOP, 0x1275);
         assert_eq!(BLKTRACETEARDOWN, 0x1276);
+    }
+
+    #[test]
+    fn setup_asks_for_every_write_of_the_whole_disk() {
+        assert_eq!(subbuf_count(0), SUBBUF_COUNT_MIN);
+        assert_eq!(subbuf_count(4 << 20), 64);
+        assert_eq!(subbuf_count(u64::MAX), SUBBUF_COUNT_MAX);
+        let setup = setup_request(64);
+        assert_eq!(u64::from(setup.act_mask), category::WRITE | category::PC);
+        assert_eq!((setup.buf_size, setup.buf_nr), (65_536, 64));
+        assert_eq!((setup.start_lba, setup.end_lba, setup.pid), (0, 0, 0));
     }
 
     /// A version 7 record from the documented layout.

@@ -22,10 +22,11 @@
 //! default and io_uring on request; the blktrace source reads 256 KiB per
 //! read, where the cost vanishes, and relay files return 0 when empty.
 //!
-//! Memory: the ring writes into `buffers`. Every turn reaps every completion
-//! it submitted before it returns; if waiting fails with reads still in flight
-//! the reader is poisoned and, on drop, leaks the buffers rather than free
-//! memory the kernel may still write.
+//! Memory: the ring writes into `buffers`, a [`KernelBuffers`]: every turn
+//! reaps every completion it submitted before it returns ([`uring::drain`],
+//! bounded); if that fails with reads still in flight the reader is poisoned
+//! and the buffers abandoned, so they are leaked rather than freed while the
+//! kernel may still write them (the rule is `uring`'s).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -34,6 +35,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::LiveError;
+use crate::uring::{self, DrainError, KernelBuffers, Waiter};
 
 /// Largest number of slots (CPUs) one reader serves.
 pub const SLOTS_MAX: usize = 1024;
@@ -41,9 +43,9 @@ pub const SLOTS_MAX: usize = 1024;
 pub const CHAIN_LEN_MAX: usize = 64;
 /// `user_data` bit of a linked timeout's completion.
 const TIMEOUT_USER_DATA: u64 = 1 << 63;
-/// Retries of a read or `io_uring_enter` interrupted by signals (or
-/// back-pressure) before a turn gives up.
-const ENTER_RETRIES_MAX: u32 = 10_000;
+/// Retries of a `read(2)` interrupted by signals before a turn gives up
+/// (the ring's enters are bounded by [`uring::Waiter`]).
+const READ_RETRIES_MAX: u32 = 10_000;
 
 /// How one read of a chain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +73,12 @@ pub enum ReadMethod {
 }
 
 enum Backend {
-    Uring(Box<IoUring>),
+    Uring {
+        ring: Box<IoUring>,
+        waiter: Waiter,
+        /// One turn's CQEs, collected before any is handled.
+        completions: Box<[(u64, i32)]>,
+    },
     Syscall,
 }
 
@@ -83,7 +90,7 @@ pub struct PipeReader {
     files: Vec<File>,
     /// One buffer per slot: `base_bytes` of caller data (e.g. a partial
     /// record kept from the last turn) then `chain_len` chunks.
-    buffers: Vec<Box<[u8]>>,
+    buffers: KernelBuffers<Vec<Box<[u8]>>>,
     results: Vec<ReadResult>,
     chunk_bytes: usize,
     chain_len: usize,
@@ -114,10 +121,12 @@ impl PipeReader {
         assert!(chunk_bytes > 0 && chunk_bytes <= u32::MAX as usize);
         let (backend, method_note) = Self::backend(files.len(), chain_len, method);
         let buffer_bytes = base_bytes_max + chunk_bytes * chain_len;
-        let buffers = files
-            .iter()
-            .map(|_| vec![0u8; buffer_bytes].into_boxed_slice())
-            .collect();
+        let buffers = KernelBuffers::new(
+            files
+                .iter()
+                .map(|_| vec![0u8; buffer_bytes].into_boxed_slice())
+                .collect(),
+        );
         PipeReader {
             backend,
             results: vec![ReadResult::NotRun; files.len() * chain_len],
@@ -139,7 +148,15 @@ impl PipeReader {
         // A read and its linked timeout per chain element.
         let entries = (slots * chain_len * 2).next_power_of_two() as u32;
         match IoUring::builder().setup_cqsize(entries * 2).build(entries) {
-            Ok(ring) => (Backend::Uring(Box::new(ring)), "io_uring".to_string()),
+            Ok(ring) => {
+                let completion_count = ring.params().cq_entries() as usize;
+                let backend = Backend::Uring {
+                    ring: Box::new(ring),
+                    waiter: Waiter::default(),
+                    completions: vec![(0, 0); completion_count].into_boxed_slice(),
+                };
+                (backend, "io_uring".to_string())
+            }
             Err(error) => (
                 Backend::Syscall,
                 format!("read(2), as io_uring_setup failed ({error})"),
@@ -198,138 +215,144 @@ impl PipeReader {
         for base_bytes in active.iter().flatten() {
             assert!(*base_bytes <= self.base_bytes_max);
         }
-        match &mut self.backend {
-            Backend::Syscall => {
-                for (slot, base_bytes) in active.iter().enumerate() {
-                    let Some(base_bytes) = *base_bytes else {
-                        continue;
-                    };
-                    for index in 0..self.chain_len {
-                        let first = base_bytes + index * self.chunk_bytes;
-                        let buf = &mut self.buffers[slot][first..first + self.chunk_bytes];
-                        let mut interrupted = 0u32;
-                        let result = loop {
-                            match (&self.files[slot]).read(buf) {
-                                Ok(bytes) => break ReadResult::Bytes(bytes),
-                                Err(error)
-                                    if error.kind() == io::ErrorKind::Interrupted
-                                        && interrupted < ENTER_RETRIES_MAX =>
-                                {
-                                    interrupted += 1;
-                                }
-                                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                                    break ReadResult::Empty;
-                                }
-                                Err(error) => {
-                                    break ReadResult::Failed(error.raw_os_error().unwrap_or(0));
-                                }
-                            }
-                        };
-                        self.results[slot * self.chain_len + index] = result;
-                        if result != ReadResult::Bytes(self.chunk_bytes) {
-                            break; // as a linked chain would
-                        }
-                    }
-                }
-                Ok(())
+        if matches!(self.backend, Backend::Syscall) {
+            self.read_with_syscalls(active);
+            return Ok(());
+        }
+        let submitted = self.queue_chains(active);
+        let Backend::Uring {
+            ring,
+            waiter,
+            completions,
+        } = &mut self.backend
+        else {
+            unreachable!("checked above")
+        };
+        let results = &mut self.results;
+        let drained = uring::drain(
+            &mut **ring,
+            waiter,
+            submitted,
+            completions,
+            uring::DRAIN_WAIT_MAX,
+            &mut |user_data, result| record_completion(results, user_data, result),
+        );
+        drained.map_err(|err| {
+            self.poisoned = true;
+            self.buffers.abandon();
+            match err {
+                DrainError::Enter(err) => LiveError::Uring {
+                    op: "io_uring_enter",
+                    error: err.source,
+                },
+                err @ DrainError::TimedOut { .. } => LiveError::Uring {
+                    op: "waiting for trace reads",
+                    error: io::Error::new(io::ErrorKind::TimedOut, err.to_string()),
+                },
             }
-            Backend::Uring(ring) => {
-                let mut submitted = 0usize;
-                {
-                    let mut queue = ring.submission();
-                    for (slot, base_bytes) in active.iter().enumerate() {
-                        let Some(base_bytes) = *base_bytes else {
-                            continue;
-                        };
-                        let fd = types::Fd(self.files[slot].as_raw_fd());
-                        for index in 0..self.chain_len {
-                            let first = base_bytes + index * self.chunk_bytes;
-                            let buf = &mut self.buffers[slot][first..first + self.chunk_bytes];
-                            let user_data = (slot * self.chain_len + index) as u64;
-                            let read = opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
-                                // -1: the file position; these files are not seekable.
-                                .offset(u64::MAX)
-                                .build()
-                                .user_data(user_data)
-                                .flags(squeue::Flags::IO_LINK);
-                            let mut timeout = opcode::LinkTimeout::new(&*self.timeout)
-                                .build()
-                                .user_data(user_data | TIMEOUT_USER_DATA);
-                            if index + 1 < self.chain_len {
-                                timeout = timeout.flags(squeue::Flags::IO_LINK);
-                            }
-                            // SAFETY: the buffer is owned by `self.buffers`, is
-                            // not touched until its completion is reaped below,
-                            // and outlives the ring (see the drop order and
-                            // `poisoned`); the timespec lives in `self.timeout`.
-                            unsafe {
-                                queue
-                                    .push(&read)
-                                    .expect("the ring is sized for every slot's chain");
-                                queue
-                                    .push(&timeout)
-                                    .expect("the ring is sized for every slot's chain");
-                            }
-                            submitted += 2;
-                        }
-                    }
+        })
+    }
+
+    /// The turn with `read(2)`: each chain in order, stopped as a linked
+    /// chain would be.
+    fn read_with_syscalls(&mut self, active: &[Option<usize>]) {
+        for (slot, base_bytes) in active.iter().enumerate() {
+            let Some(base_bytes) = *base_bytes else {
+                continue;
+            };
+            for index in 0..self.chain_len {
+                let first = base_bytes + index * self.chunk_bytes;
+                let buf = &mut self.buffers[slot][first..first + self.chunk_bytes];
+                let result = read_nonblocking(&self.files[slot], buf);
+                self.results[slot * self.chain_len + index] = result;
+                if result != ReadResult::Bytes(self.chunk_bytes) {
+                    break; // as a linked chain would
                 }
-                let mut reaped = 0usize;
-                let mut retries = 0u32;
-                while reaped < submitted {
-                    match ring.submit_and_wait(submitted - reaped) {
-                        Ok(_) => {}
-                        Err(error)
-                            if matches!(
-                                error.raw_os_error(),
-                                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                            ) && retries < ENTER_RETRIES_MAX =>
-                        {
-                            retries += 1;
-                        }
-                        Err(error) => {
-                            self.poisoned = true;
-                            return Err(LiveError::Uring {
-                                op: "io_uring_enter",
-                                error,
-                            });
-                        }
-                    }
-                    for cqe in ring.completion() {
-                        reaped += 1;
-                        if cqe.user_data() & TIMEOUT_USER_DATA != 0 {
-                            continue; // -ETIME (fired), -ENOENT/-EALREADY (read done), -ECANCELED
-                        }
-                        let index = cqe.user_data() as usize;
-                        assert!(index < self.results.len(), "completion for an unknown read");
-                        assert_eq!(
-                            self.results[index],
-                            ReadResult::NotRun,
-                            "read completed twice"
-                        );
-                        let res = cqe.result();
-                        self.results[index] = if res >= 0 {
-                            ReadResult::Bytes(res as usize)
-                        } else if res == -libc::EAGAIN {
-                            ReadResult::Empty
-                        } else if res == -libc::ECANCELED {
-                            ReadResult::Cancelled
-                        } else {
-                            ReadResult::Failed(-res)
-                        };
-                    }
-                }
-                Ok(())
             }
+        }
+    }
+
+    /// Pushes every active slot's chain (each read linked to a zero
+    /// timeout) into the ring; returns the SQEs pushed.
+    fn queue_chains(&mut self, active: &[Option<usize>]) -> usize {
+        let Backend::Uring { ring, .. } = &mut self.backend else {
+            unreachable!("only with io_uring")
+        };
+        let mut queue = ring.submission();
+        let mut submitted = 0usize;
+        for (slot, base_bytes) in active.iter().enumerate() {
+            let Some(base_bytes) = *base_bytes else {
+                continue;
+            };
+            let fd = types::Fd(self.files[slot].as_raw_fd());
+            for index in 0..self.chain_len {
+                let first = base_bytes + index * self.chunk_bytes;
+                let buf = &mut self.buffers[slot][first..first + self.chunk_bytes];
+                let user_data = (slot * self.chain_len + index) as u64;
+                let read = opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+                    // -1: the file position; these files are not seekable.
+                    .offset(u64::MAX)
+                    .build()
+                    .user_data(user_data)
+                    .flags(squeue::Flags::IO_LINK);
+                let mut timeout = opcode::LinkTimeout::new(&*self.timeout)
+                    .build()
+                    .user_data(user_data | TIMEOUT_USER_DATA);
+                if index + 1 < self.chain_len {
+                    timeout = timeout.flags(squeue::Flags::IO_LINK);
+                }
+                // SAFETY: the buffer is owned by `self.buffers`, is not
+                // touched until its completion is reaped (`read_turn` drains
+                // every SQE pushed here), and outlives the ring (the drop
+                // order, and `KernelBuffers::abandon` when a drain fails);
+                // the timespec lives in `self.timeout`.
+                unsafe {
+                    queue
+                        .push(&read)
+                        .expect("the ring is sized for every slot's chain");
+                    queue
+                        .push(&timeout)
+                        .expect("the ring is sized for every slot's chain");
+                }
+                submitted += 2;
+            }
+        }
+        submitted
+    }
+}
+
+/// One `read(2)` of a non-blocking file, retrying interrupts (bounded).
+fn read_nonblocking(mut file: &File, buf: &mut [u8]) -> ReadResult {
+    let mut interrupted = 0u32;
+    loop {
+        match file.read(buf) {
+            Ok(bytes) => return ReadResult::Bytes(bytes),
+            Err(error)
+                if error.kind() == io::ErrorKind::Interrupted && interrupted < READ_RETRIES_MAX =>
+            {
+                interrupted += 1;
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return ReadResult::Empty,
+            Err(error) => return ReadResult::Failed(error.raw_os_error().unwrap_or(0)),
         }
     }
 }
 
-impl Drop for PipeReader {
-    fn drop(&mut self) {
-        if self.poisoned {
-            // Reads may still be in flight in io-wq: never free their memory.
-            std::mem::forget(std::mem::take(&mut self.buffers));
-        }
+/// Records the completion of a read (a linked timeout's says nothing).
+fn record_completion(results: &mut [ReadResult], user_data: u64, res: i32) {
+    if user_data & TIMEOUT_USER_DATA != 0 {
+        return; // -ETIME (fired), -ENOENT/-EALREADY (read done), -ECANCELED
     }
+    let index = user_data as usize;
+    assert!(index < results.len(), "completion for an unknown read");
+    assert_eq!(results[index], ReadResult::NotRun, "read completed twice");
+    results[index] = if res >= 0 {
+        ReadResult::Bytes(res as usize)
+    } else if res == -libc::EAGAIN {
+        ReadResult::Empty
+    } else if res == -libc::ECANCELED {
+        ReadResult::Cancelled
+    } else {
+        ReadResult::Failed(-res)
+    };
 }

@@ -2,10 +2,8 @@
 //! with errors that name the path, mounts, CPU lists, process liveness and
 //! the RCU grace period behind [`super::EventSource::sync_drain`].
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -90,24 +88,15 @@ pub fn pread_text<'a>(file: &File, path: &Path, buf: &'a mut [u8]) -> Result<&'a
 
 /// Mounts a pseudo file system (`tracefs`, `debugfs`) at `target`.
 pub fn mount_pseudo(fs_type: &str, target: &Path) -> io::Result<()> {
-    let source = CString::new("nodev").expect("no NUL");
-    let fs_type = CString::new(fs_type).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let target =
-        CString::new(target.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: every pointer is a NUL-terminated string that outlives the
-    // call; `data` may be null for these file systems.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fs_type.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::mount::{MsFlags, mount};
+    // `data` may be null for these file systems.
+    mount(
+        Some("nodev"),
+        target,
+        Some(fs_type),
+        MsFlags::empty(),
+        None::<&str>,
+    )?;
     Ok(())
 }
 
@@ -142,10 +131,7 @@ impl PrivateMount {
 
 impl Drop for PrivateMount {
     fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         let _ = fs::remove_dir(&self.path);
     }
 }
@@ -251,15 +237,16 @@ pub fn pid_alive(pid: u32) -> bool {
     if pid <= 0 {
         return false;
     }
-    // SAFETY: signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    // No signal: only checks for existence and permission.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
 }
 
 /// The effective user id.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// `MEMBARRIER_CMD_GLOBAL` (linux/membarrier.h).
@@ -283,39 +270,26 @@ pub fn wait_for_cpus_quiescent() -> Result<(), LiveError> {
 }
 
 fn visit_every_cpu() -> Result<(), LiveError> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    // Pid 0 is the calling thread.
+    let this_thread = nix::unistd::Pid::from_raw(0);
     let cpus = online_cpus()?;
     let path = PathBuf::from("sched_setaffinity");
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the pointers passed
-    // below point at live locals for the duration of each call.
-    let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: as above; pid 0 is the calling thread.
-    if unsafe { libc::sched_getaffinity(0, size, &mut saved) } != 0 {
-        return Err(io_error(
-            "cannot get affinity",
-            &path,
-            io::Error::last_os_error(),
-        ));
-    }
+    let saved = sched_getaffinity(this_thread)
+        .map_err(|errno| io_error("cannot get affinity", &path, errno.into()))?;
     let mut result = Ok(());
     for cpu in cpus {
-        // SAFETY: as above.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpu` is below CPUS_MAX, within cpu_set_t's 1024 bits or
-        // ignored by CPU_SET's bounds check.
-        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-        // SAFETY: as above. Returning from this call means the thread now runs on `cpu`.
-        if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
-            result = Err(io_error(
-                "cannot set affinity",
-                &path,
-                io::Error::last_os_error(),
-            ));
+        let mut set = CpuSet::new();
+        // A CPU past cpu_set_t's 1024 bits leaves the set empty, which
+        // sched_setaffinity refuses (EINVAL). Returning from it means the
+        // thread now runs on `cpu`.
+        let _ = set.set(cpu as usize);
+        if let Err(errno) = sched_setaffinity(this_thread, &set) {
+            result = Err(io_error("cannot set affinity", &path, errno.into()));
             break;
         }
     }
-    // SAFETY: as above.
-    unsafe { libc::sched_setaffinity(0, size, &saved) };
+    let _ = sched_setaffinity(this_thread, &saved);
     result
 }
 

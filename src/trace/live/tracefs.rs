@@ -213,7 +213,7 @@ impl Drop for Instance {
         // block I/O.
         if let Err(error) = remove_instance(&self.path) {
             let _ = write_text(&self.path.join("tracing_on"), "0");
-            eprintln!(
+            tracing::warn!(
                 "hot-clone: warning: {error}; tracing in it was switched off, and the next run removes it once nothing holds it open"
             );
         }
@@ -452,109 +452,23 @@ pub struct TracefsSource {
     instance: Instance,
 }
 
-/// Opens a tracefs source for `target` (see [`super::open_source`]).
+/// Opens a tracefs source for `target` (see [`super::open_source`]): an
+/// instance of our own, set up, its per-CPU pipes opened, then tracing on.
 pub fn open_tracefs(
     target: &TraceTarget,
     config: &SourceConfig,
 ) -> Result<TracefsSource, LiveError> {
-    let euid = sys::euid();
-    if euid != 0 {
-        return Err(LiveError::NotRoot { euid });
-    }
-    target.check()?;
-    let root = ensure_tracefs()?;
-    let block_events = root.join("events/block");
-    for event in EVENTS {
-        let path = block_events.join(event.name());
-        if !path.is_dir() {
-            return Err(LiveError::BlockEventsMissing { path });
-        }
-    }
+    let root = check_prerequisites(target)?;
     // From here on, `instance` removes the instance on every error path.
     let instance = Instance::create(&root)?;
     let dir = instance.path.clone();
-    write_text(&dir.join("tracing_on"), "0")?;
-    // Keep old events, drop and count new ones when full (see the module doc).
-    write_text(&dir.join("options/overwrite"), "0")?;
-    // poll() reports the pipes readable as soon as they hold any event, not
-    // when half full (the default 50): io_uring consults poll before reading.
-    write_text(&dir.join("buffer_percent"), "0")?;
-    // CLOCK_MONOTONIC time stamps, comparable with blktrace's and with
-    // clock_gettime in user space; the default `local` clock is per CPU.
-    let clocks = read_text(&dir.join("trace_clock"))?;
-    if clocks
-        .split_whitespace()
-        .any(|clock| clock.trim_matches(['[', ']']) == "mono")
-    {
-        write_text(&dir.join("trace_clock"), "mono")?;
-    }
-    let buffer_kb = config
-        .buffer_bytes_per_cpu
-        .div_ceil(1024)
-        .clamp(BUFFER_KB_MIN, BUFFER_KB_MAX);
-    write_text(&dir.join("buffer_size_kb"), &buffer_kb.to_string())?;
-    let buffer_kb_path = dir.join("buffer_size_kb");
-    let buffer_kb_per_cpu =
-        parse_buffer_kb(&read_text(&buffer_kb_path)?).ok_or_else(|| LiveError::Parse {
-            path: buffer_kb_path.clone(),
-            message: "not a size in KiB".to_string(),
-        })?;
-
-    let layout = {
-        let page_path = dir.join("events/header_page");
-        let event_path = dir.join("events/header_event");
-        let page =
-            parse_header_page(&read_text(&page_path)?).map_err(|error| LiveError::Parse {
-                path: page_path.clone(),
-                message: error.to_string(),
-            })?;
-        let event =
-            parse_header_event(&read_text(&event_path)?).map_err(|error| LiveError::Parse {
-                path: event_path.clone(),
-                message: error.to_string(),
-            })?;
-        PageLayout::new(&page, &event).map_err(|error| LiveError::Parse {
-            path: page_path,
-            message: error.to_string(),
-        })?
-    };
-    let mut formats = Vec::with_capacity(EVENTS.len());
-    for event in EVENTS {
-        let path = dir.join("events/block").join(event.name()).join("format");
-        let format = parse_event_format(&read_text(&path)?).map_err(|error| LiveError::Parse {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
-        formats.push(format);
-    }
-    let decoder = BlockDecoder::new(&formats).map_err(|error| LiveError::Parse {
-        path: dir.join("events/block"),
-        message: error.to_string(),
-    })?;
-
-    for event in EVENTS {
-        let event_dir = dir.join("events/block").join(event.name());
-        write_text(&event_dir.join("filter"), &filter_expression(target, event))?;
-        write_text(&event_dir.join("enable"), "1")?;
-    }
+    let buffer_kb_per_cpu = configure_instance(&dir, config)?;
+    let layout = read_page_layout(&dir)?;
+    let decoder = read_decoder(&dir)?;
+    enable_events(&dir, target)?;
 
     let cpus = sys::possible_cpus()?;
-    let mut pipes = Vec::with_capacity(cpus.len());
-    let mut stats_files = Vec::with_capacity(cpus.len());
-    for &cpu in &cpus {
-        let cpu_dir = dir.join(format!("per_cpu/cpu{cpu}"));
-        let pipe_path = cpu_dir.join("trace_pipe_raw");
-        let pipe = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&pipe_path)
-            .map_err(|error| io_error("cannot open", &pipe_path, error))?;
-        pipes.push(pipe);
-        let stats_path = cpu_dir.join("stats");
-        let stats =
-            File::open(&stats_path).map_err(|error| io_error("cannot open", &stats_path, error))?;
-        stats_files.push((stats, stats_path));
-    }
+    let (pipes, stats_files) = open_cpu_files(&dir, &cpus)?;
     let page_bytes = layout.page_bytes();
     let reader = PipeReader::new(pipes, page_bytes, CHAIN_PAGES, 0, ReadMethod::Syscall);
     let ring_pages = (buffer_kb_per_cpu * 1024)
@@ -565,6 +479,10 @@ pub fn open_tracefs(
     // Tracing starts here: every write submitted after this returns is seen.
     write_text(&dir.join("tracing_on"), "1")?;
     let watched = watch_instance(&dir)?;
+    tracing::debug!(
+        "tracefs: instance {}, {buffer_kb_per_cpu} KiB per CPU on {slots} CPUs, {page_bytes}-byte pages",
+        dir.display()
+    );
 
     Ok(TracefsSource {
         reader,
@@ -586,6 +504,120 @@ pub fn open_tracefs(
         stats_buf: vec![0; STATS_BYTES_MAX].into_boxed_slice(),
         instance,
     })
+}
+
+/// Root, a valid target, tracefs mounted (see [`ensure_tracefs`]) with the
+/// block events: the tracefs root.
+fn check_prerequisites(target: &TraceTarget) -> Result<PathBuf, LiveError> {
+    let euid = sys::euid();
+    if euid != 0 {
+        return Err(LiveError::NotRoot { euid });
+    }
+    target.check()?;
+    let root = ensure_tracefs()?;
+    let block_events = root.join("events/block");
+    for event in EVENTS {
+        let path = block_events.join(event.name());
+        if !path.is_dir() {
+            return Err(LiveError::BlockEventsMissing { path });
+        }
+    }
+    Ok(root)
+}
+
+/// Sets up the instance at `dir`, tracing still off: no overwriting, wake
+/// on any event, the monotonic clock, the buffer size. Returns the buffer
+/// size per CPU in KiB as the kernel rounded it.
+fn configure_instance(dir: &Path, config: &SourceConfig) -> Result<u64, LiveError> {
+    write_text(&dir.join("tracing_on"), "0")?;
+    // Keep old events, drop and count new ones when full (see the module doc).
+    write_text(&dir.join("options/overwrite"), "0")?;
+    // poll() reports the pipes readable as soon as they hold any event, not
+    // when half full (the default 50): io_uring consults poll before reading.
+    write_text(&dir.join("buffer_percent"), "0")?;
+    // CLOCK_MONOTONIC time stamps, comparable with blktrace's and with
+    // clock_gettime in user space; the default `local` clock is per CPU.
+    let clocks = read_text(&dir.join("trace_clock"))?;
+    if clocks
+        .split_whitespace()
+        .any(|clock| clock.trim_matches(['[', ']']) == "mono")
+    {
+        write_text(&dir.join("trace_clock"), "mono")?;
+    }
+    let buffer_kb = config
+        .buffer_bytes_per_cpu
+        .div_ceil(1024)
+        .clamp(BUFFER_KB_MIN, BUFFER_KB_MAX);
+    let buffer_kb_path = dir.join("buffer_size_kb");
+    write_text(&buffer_kb_path, &buffer_kb.to_string())?;
+    parse_buffer_kb(&read_text(&buffer_kb_path)?)
+        .ok_or_else(|| parse_error(buffer_kb_path, "not a size in KiB"))
+}
+
+/// A [`LiveError::Parse`] of the file at `path`.
+fn parse_error(path: PathBuf, error: impl std::fmt::Display) -> LiveError {
+    LiveError::Parse {
+        path,
+        message: error.to_string(),
+    }
+}
+
+/// The ring buffer's page and event headers, from `events/header_*`.
+fn read_page_layout(dir: &Path) -> Result<PageLayout, LiveError> {
+    let page_path = dir.join("events/header_page");
+    let event_path = dir.join("events/header_event");
+    let page = parse_header_page(&read_text(&page_path)?)
+        .map_err(|error| parse_error(page_path.clone(), error))?;
+    let event = parse_header_event(&read_text(&event_path)?)
+        .map_err(|error| parse_error(event_path, error))?;
+    PageLayout::new(&page, &event).map_err(|error| parse_error(page_path, error))
+}
+
+/// The decoder of the block events, from their `format` files.
+fn read_decoder(dir: &Path) -> Result<BlockDecoder, LiveError> {
+    let mut formats = Vec::with_capacity(EVENTS.len());
+    for event in EVENTS {
+        let path = dir.join("events/block").join(event.name()).join("format");
+        let format = parse_event_format(&read_text(&path)?)
+            .map_err(|error| parse_error(path.clone(), error))?;
+        formats.push(format);
+    }
+    BlockDecoder::new(&formats).map_err(|error| parse_error(dir.join("events/block"), error))
+}
+
+/// Each block event filtered to `target` and enabled (in the instance only).
+fn enable_events(dir: &Path, target: &TraceTarget) -> Result<(), LiveError> {
+    for event in EVENTS {
+        let event_dir = dir.join("events/block").join(event.name());
+        write_text(&event_dir.join("filter"), &filter_expression(target, event))?;
+        write_text(&event_dir.join("enable"), "1")?;
+    }
+    Ok(())
+}
+
+/// Per-CPU pipe and stats file of each of `cpus`, in order.
+type CpuFiles = (Vec<File>, Vec<(File, PathBuf)>);
+
+/// Opens `per_cpu/cpuN/trace_pipe_raw` (non-blocking) and `stats` for each
+/// of `cpus`.
+fn open_cpu_files(dir: &Path, cpus: &[u32]) -> Result<CpuFiles, LiveError> {
+    let mut pipes = Vec::with_capacity(cpus.len());
+    let mut stats_files = Vec::with_capacity(cpus.len());
+    for &cpu in cpus {
+        let cpu_dir = dir.join(format!("per_cpu/cpu{cpu}"));
+        let pipe_path = cpu_dir.join("trace_pipe_raw");
+        let pipe = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&pipe_path)
+            .map_err(|error| io_error("cannot open", &pipe_path, error))?;
+        pipes.push(pipe);
+        let stats_path = cpu_dir.join("stats");
+        let stats =
+            File::open(&stats_path).map_err(|error| io_error("cannot open", &stats_path, error))?;
+        stats_files.push((stats, stats_path));
+    }
+    Ok((pipes, stats_files))
 }
 
 /// The files whose text must stay as setup left it (read back now, so the

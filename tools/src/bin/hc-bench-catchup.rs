@@ -7,7 +7,7 @@
 use anyhow::Context;
 use clap::Parser;
 use hot_clone::dirty::DirtyMap;
-use hot_clone::engine::{Engine, EngineConfig, ReadDone};
+use hot_clone::engine::{Choice, Engine, EngineConfig, ReadDone};
 use hot_clone::source::SourceDevice;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -53,8 +53,8 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::new(
         &device,
         EngineConfig {
-            queue_depth: args.queue_depth,
-            chunk_bytes: u32::try_from(args.chunk)?,
+            queue_depth: Choice::zero_is_auto(args.queue_depth),
+            chunk_bytes: Choice::zero_is_auto(u32::try_from(args.chunk)?),
             ..EngineConfig::default()
         },
     )?;

@@ -4,7 +4,8 @@
 //!
 //! usage: hc-from-raw [--no-trailer] [--meta] RAW > IMAGE.hc
 
-use hot_clone::format::{Banner, Extent, ImageWriter, Meta, REVISION_META};
+use hot_clone::format::{Banner, ImageWriter, Meta, REVISION_META};
+use hot_clone::geom::ByteExtent;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
@@ -62,8 +63,8 @@ fn run() -> Result<(), String> {
     let io_err = |e: io::Error| format!("writing the image: {e}");
     let mut writer = ImageWriter::new(stdout, &banner).map_err(io_err)?;
     writer
-        .begin_section(Extent {
-            sector: 0,
+        .begin_section(ByteExtent {
+            offset_bytes: 0,
             len_bytes,
         })
         .map_err(io_err)?;
