@@ -82,6 +82,10 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Internal: started by `image --freeze`; thaws the frozen filesystems
     /// if the imager dies (src/source/freeze.rs).
+    ///
+    /// Product mechanism, not a test hook: the imager re-executes its own
+    /// binary as the guardian, so the subcommand must be in every build.
+    /// Hidden because no user has a reason to start it by hand.
     #[command(hide = true)]
     FreezeGuardian(GuardianArgs),
 }
@@ -248,7 +252,9 @@ pub struct ImageArgs {
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes)]
     pub freeze_memory: u64,
     /// Test hook: stay frozen while FILE exists; FILE.frozen is made once
-    /// holding.
+    /// holding. Only in test builds (feature `test-hooks`): no binary a
+    /// user builds or installs has it.
+    #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "FILE", hide = true)]
     pub hold_frozen_file: Option<PathBuf>,
     /// Say more: the event source, every catch-up round.
@@ -405,7 +411,10 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.freeze = args.freeze;
     options.adaptive = args.adaptive;
     options.dirty_map_memory = DirtyMapMemory::from_flag(args.dirty_map_memory);
-    options.hold_frozen_file = args.hold_frozen_file;
+    #[cfg(feature = "test-hooks")]
+    {
+        options.hold_frozen_file = args.hold_frozen_file;
+    }
     if args.freeze_memory < FREEZE_MEMORY_MIN {
         anyhow::bail!(
             "--freeze-memory {}: too small to hold a frozen round; give at least 1M",

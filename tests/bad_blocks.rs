@@ -5,62 +5,16 @@
 //! outside them equals the device, and what `verify` and `reassemble` say
 //! and exit with (3) and restore there (zeros).
 
-mod common;
-
-use common::run::LiveRun;
-use common::slowdisk::{SlowDisk, SlowDiskOptions, read_direct};
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::slowdisk::{SlowDisk, SlowDiskOptions, read_direct};
+use hc_test_kit::*;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
-/// An image, parsed byte by byte (shares no code with the crate).
-#[derive(Debug, Default)]
-struct Parsed {
-    /// (device offset, image offset of the data, length), in image order.
-    sections: Vec<(u64, usize, usize)>,
-    /// (device offset, length) of each B: record, in image order.
-    bad: Vec<(u64, u64)>,
-    trailer: bool,
-}
-
-fn parse(image: &[u8]) -> Parsed {
-    let mut at = image.iter().position(|&b| b == b'\n').unwrap() + 1;
-    let mut parsed = Parsed::default();
-    while at < image.len() {
-        let eol = at + image[at..].iter().position(|&b| b == b'\n').unwrap();
-        let line = std::str::from_utf8(&image[at..eol]).unwrap();
-        at = eol + 1;
-        if line.starts_with("END\t") {
-            parsed.trailer = true;
-            assert_eq!(at, image.len(), "bytes after the trailer");
-            break;
-        }
-        if line.starts_with("STATE:") {
-            continue;
-        }
-        let (kind, rest) = line.split_at(2);
-        let (s, l) = rest.split_once('\t').unwrap();
-        let sector: u64 = s.parse().unwrap();
-        let len: u64 = l.strip_prefix("L:").unwrap().parse().unwrap();
-        match kind {
-            "S:" => {
-                parsed.sections.push((sector * 512, at, len as usize));
-                at += len as usize;
-            }
-            "B:" => parsed.bad.push((sector * 512, len)),
-            _ => panic!("unexpected record {line:?}"),
-        }
-    }
-    parsed
-}
-
 /// The device as the image restores it: sections in order, then zeros
 /// where B: records say (the format's "later wins", B: records last).
-fn restored(image: &[u8], parsed: &Parsed, size: usize) -> Vec<u8> {
+fn restored(image: &[u8], parsed: &ParsedImage, size: usize) -> Vec<u8> {
     let mut device = vec![0u8; size];
     for &(offset, data_at, len) in &parsed.sections {
         device[offset as usize..offset as usize + len]
@@ -235,7 +189,7 @@ fn a_bad_range_inside_a_chunk_of_the_main_pass_is_one_b_record_and_exit_6() {
         run.log
     );
     assert!(run.log.contains("1 unreadable range,"), "{}", run.log);
-    let parsed = parse(&run.image);
+    let parsed = independent_parse(&run.image);
     assert!(parsed.trailer, "exit 6 ends the image with its trailer");
     assert_eq!(parsed.bad, expected_bad);
     // The rest of the chunk around the bad blocks was kept.
@@ -276,7 +230,7 @@ fn ranges_across_a_chunk_boundary_merge_and_the_last_block_is_reported() {
 
     let run = image(&disk.path, dir.path(), &["--read-retries", "0"]);
     assert_eq!(run.status.code(), Some(6), "{}", run.log);
-    let parsed = parse(&run.image);
+    let parsed = independent_parse(&run.image);
     assert!(parsed.trailer);
     // Two chunks each found half of the first range: one record.
     assert_eq!(parsed.bad, expected_bad);
@@ -298,7 +252,7 @@ fn a_wholly_unreadable_device_is_one_b_record_or_past_max_bad_bytes_no_image() {
 
     let run = image(&disk.path, dir.path(), &["--read-retries", "1"]);
     assert_eq!(run.status.code(), Some(6), "{}", run.log);
-    let parsed = parse(&run.image);
+    let parsed = independent_parse(&run.image);
     assert!(parsed.trailer);
     assert!(parsed.sections.is_empty(), "{:?}", parsed.sections);
     assert_eq!(parsed.bad, [(0, size)]);
@@ -371,7 +325,7 @@ fn catch_up_rereads_a_block_that_turned_bad_as_bad_and_one_that_healed_as_data()
         "both were found bad once: {log}"
     );
     let image = std::fs::read(&out).unwrap();
-    let parsed = parse(&image);
+    let parsed = independent_parse(&image);
     assert!(parsed.trailer);
     let turned_bad = [(turned.0, turned.1 - turned.0)];
     assert_eq!(

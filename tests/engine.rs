@@ -10,9 +10,7 @@
 //!     cargo test --release --test engine -- --ignored --nocapture bench_device
 //! ```
 
-mod common;
-
-use common::*;
+use hc_test_kit::*;
 use hot_clone::engine::{Choice, DeviceKind, Engine, EngineConfig, EngineError, ReadDone};
 use hot_clone::geom::ByteExtent as Extent;
 use hot_clone::source::SourceDevice;
@@ -21,9 +19,6 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
 
 fn extent(offset_bytes: u64, len_bytes: u64) -> Extent {
     Extent {
@@ -414,13 +409,6 @@ fn a_deliver_panic_reaches_the_caller_and_the_engine_stays_usable() {
     assert_eq!(stats.bytes_read, source.size_bytes);
 }
 
-/// The backing file of a loop device, from sysfs.
-fn backing_file(device_path: &Path) -> std::path::PathBuf {
-    let name = device_path.file_name().unwrap().to_str().unwrap();
-    let text = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap();
-    std::path::PathBuf::from(text.trim())
-}
-
 /// A device that shrinks after the engine planned its reads: the reads past
 /// the new end come back short or empty, and the call says so instead of
 /// looping or delivering garbage.
@@ -432,7 +420,7 @@ fn a_device_that_shrinks_under_the_engine_is_an_error() {
     let engine = Engine::new(&source, config(1, 4, MIB as u32)).unwrap();
     let backing = std::fs::OpenOptions::new()
         .write(true)
-        .open(backing_file(&device.path))
+        .open(device.backing())
         .unwrap();
     backing.set_len(4 * MIB + 512 * KIB).unwrap();
     let status = Command::new("losetup")

@@ -6,17 +6,13 @@
 //! Every test that freezes thaws (`fsfreeze -u`, also in `Mounted`'s drop)
 //! before it waits for a process writing into the frozen filesystem.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Thaws `mountpoint` (a no-op unless frozen).
 fn thaw(mountpoint: &Path) {
@@ -72,15 +68,11 @@ fn start_held(device: &Path, dir: &Path, extra: &[&str]) -> (LiveRun, PathBuf) {
         .args(extra)
         .stdout(Stdio::null());
     let mut imaging = LiveRun::spawn(cmd);
-    let marker = dir.join("hold-frozen.frozen");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    while !marker.exists() {
-        if imaging.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            imaging.finish(Duration::from_secs(1));
-            panic!("the run never held frozen: {}", imaging.log());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    imaging.wait_for_file(
+        &dir.join("hold-frozen.frozen"),
+        RUN_TIMEOUT,
+        "the run never held frozen",
+    );
     (imaging, hold)
 }
 
@@ -292,7 +284,7 @@ fn pipe_consumer_writing_into_the_frozen_filesystem_completes() {
     let image = dir.path().join("fs.hc");
     let script = format!(
         "{} image --freeze --freeze-timeout 60s --device {} | dd of={} bs=64k status=progress 2>{}/dd.log",
-        env!("CARGO_BIN_EXE_hot-clone"),
+        workspace_bin("hot-clone").display(),
         device.path.display(),
         image.display(),
         mounted.path().display()

@@ -7,10 +7,8 @@
 //! moment of the writer's history. (c) A run interrupted while frozen
 //! leaves the filesystem thawed.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -266,18 +264,18 @@ fn restored_files(fs_kind: Fs, image: &Path, fsck: bool) -> Model {
     if fsck && !fs_kind.freeze_leaves_log_dirty() {
         check("as restored");
     }
-    let device = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(device.status.success());
-    let device = String::from_utf8(device.stdout).unwrap().trim().to_string();
+    let device = LoopDevice::attach_with(
+        &raw,
+        &LoopOptions {
+            direct_io: false,
+            ..LoopOptions::default()
+        },
+    );
     let mountpoint = dir.path().join("mnt");
     fs::create_dir(&mountpoint).unwrap();
     let mounted = Command::new("mount")
         .args(fs_kind.copy_mount_options())
-        .arg(&device)
+        .arg(&device.path)
         .arg(&mountpoint)
         .output()
         .unwrap();
@@ -291,7 +289,7 @@ fn restored_files(fs_kind: Fs, image: &Path, fsck: bool) -> Model {
         }
         let _ = Command::new("umount").arg(&mountpoint).status();
     }
-    let _ = Command::new("losetup").args(["-d", &device]).status();
+    drop(device);
     assert!(
         mounted.status.success(),
         "the restored image does not mount: {}",
@@ -322,8 +320,6 @@ fn start_imaging(device: &Path, image: &Path, extra: &[&str]) -> LiveRun {
         .stdout(Stdio::null());
     LiveRun::spawn(cmd)
 }
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn wait_for_ops(churn: &Churn, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -489,7 +485,11 @@ fn sigterm_while_frozen_thaws() {
         &image,
         &["--freeze", "--hold-frozen-file", hold.to_str().unwrap()],
     );
-    wait_for_file(&dir.path().join("hold-frozen.frozen"), &mut imaging);
+    imaging.wait_for_file(
+        &dir.path().join("hold-frozen.frozen"),
+        RUN_TIMEOUT,
+        "the run never held frozen",
+    );
     // Frozen now: a write to the filesystem blocks.
     let probe = mounted.path().join("probe");
     let writer = {
@@ -521,19 +521,6 @@ fn sigterm_while_frozen_thaws() {
     let mut cmd = hot_clone();
     cmd.arg("verify").arg(&image);
     assert_eq!(run(cmd, None).status.code(), Some(1));
-}
-
-/// Waits for the hold-frozen hook's marker (stderr is held while frozen,
-/// so no log line says it).
-fn wait_for_file(path: &Path, imaging: &mut LiveRun) {
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    while !path.exists() {
-        if imaging.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            imaging.finish(Duration::from_secs(1));
-            panic!("the run never held frozen: {}", imaging.log());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// `--freeze` on a device with nothing mounted says so.

@@ -2,10 +2,8 @@
 //! through the main pass and into the catch-up; after it stops and the run
 //! ends, the reassembled image must equal the device byte for byte.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -387,9 +385,7 @@ fn refuses_to_write_the_image_onto_the_imaged_device() {
 
 #[test]
 fn demo_runs_and_cleans_up() {
-    let mut cmd = hot_clone();
-    cmd.args(["demo", "--size", "64M"]);
-    let result = run(cmd, None);
+    let result = run_hot_clone(["demo", "--size", "64M"], None);
     let log = stderr(&result);
     assert!(result.status.success(), "{log}");
     assert!(log.contains("equals the device byte for byte"), "{log}");

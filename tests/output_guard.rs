@@ -4,17 +4,12 @@
 //! complete, mode 0600; loop sources with a second way in are refused; and
 //! `--force` gets past a refusal.
 
-mod common;
-
-use common::run::LiveRun;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `hot-clone image -d DEVICE` plus `args`, stdout to /dev/null.
 fn image(device: &Path, args: &[&str]) -> Output {

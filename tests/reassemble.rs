@@ -1,9 +1,7 @@
 //! `reassemble` and `verify` through the real binary: round trips, both
 //! spellings, stdin, sparseness, permissions, every bad input, block devices.
 
-mod common;
-
-use common::*;
+use hc_test_kit::*;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
@@ -32,14 +30,15 @@ fn restores_to_a_file_byte_for_byte_sparse_and_private() {
     fs::write(&image_path, &image).unwrap();
     let out = dir.path().join("x.img");
 
-    let mut cmd = hot_clone();
-    cmd.args([
-        "reassemble",
-        image_path.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    let result = run(cmd, None);
+    let result = run_hot_clone(
+        [
+            "reassemble",
+            image_path.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(result.status.success(), "{}", stderr(&result));
 
     assert_eq!(fs::read(&out).unwrap(), expected);
@@ -62,14 +61,15 @@ fn restores_from_stdin_with_the_original_spelling() {
     let device = patterned(3 << 20, 2);
     let (image, expected) = live_like_image(&device, true);
     let out = dir.path().join("y.img");
-    let mut cmd = hot_clone();
-    cmd.args([
-        "-reassemble",
-        "-",
-        "-reassemble-output",
-        out.to_str().unwrap(),
-    ]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(
+        [
+            "-reassemble",
+            "-",
+            "-reassemble-output",
+            out.to_str().unwrap(),
+        ],
+        Some(&image),
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(fs::read(&out).unwrap(), expected);
 }
@@ -83,16 +83,18 @@ fn replaces_an_existing_file_only_on_success() {
     let good = image.clone();
     let last = image.len() - 60;
     image[last] ^= 1; // damage a data byte near the end
-    let mut cmd = hot_clone();
-    cmd.args(["reassemble", "-", "-o", out.to_str().unwrap()]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(
+        ["reassemble", "-", "-o", out.to_str().unwrap()],
+        Some(&image),
+    );
     assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
     assert_eq!(fs::read(&out).unwrap(), b"precious");
     assert_eq!(listing(dir.path()), ["keep.img"]);
 
-    let mut cmd = hot_clone();
-    cmd.args(["reassemble", "-", "-o", out.to_str().unwrap()]);
-    let result = run(cmd, Some(&good));
+    let result = run_hot_clone(
+        ["reassemble", "-", "-o", out.to_str().unwrap()],
+        Some(&good),
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(fs::read(&out).unwrap(), expected);
 }
@@ -104,9 +106,10 @@ fn legacy_images_need_allow_legacy() {
     let (image, expected) = live_like_image(&device, false);
     let out = dir.path().join("legacy.img");
 
-    let mut cmd = hot_clone();
-    cmd.args(["reassemble", "-", "-o", out.to_str().unwrap()]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(
+        ["reassemble", "-", "-o", out.to_str().unwrap()],
+        Some(&image),
+    );
     assert_eq!(result.status.code(), Some(1));
     assert!(
         stderr(&result).contains("--allow-legacy"),
@@ -115,15 +118,16 @@ fn legacy_images_need_allow_legacy() {
     );
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
 
-    let mut cmd = hot_clone();
-    cmd.args([
-        "reassemble",
-        "-",
-        "-o",
-        out.to_str().unwrap(),
-        "--allow-legacy",
-    ]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(
+        [
+            "reassemble",
+            "-",
+            "-o",
+            out.to_str().unwrap(),
+            "--allow-legacy",
+        ],
+        Some(&image),
+    );
     // Restored, but not vouched for: status 3 and a warning, never 0.
     assert_eq!(result.status.code(), Some(3), "{}", stderr(&result));
     assert!(
@@ -134,9 +138,7 @@ fn legacy_images_need_allow_legacy() {
     assert_eq!(fs::read(&out).unwrap(), expected);
 
     // verify cannot vouch for a legacy image.
-    let mut cmd = hot_clone();
-    cmd.args(["verify", "-"]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(["verify", "-"], Some(&image));
     assert_eq!(result.status.code(), Some(1));
     assert!(
         stderr(&result).contains("no END trailer"),
@@ -230,14 +232,15 @@ fn bad_images_fail_loudly_and_leave_nothing() {
         let image_path = dir.path().join("bad.hc");
         fs::write(&image_path, &image).unwrap();
         let out = dir.path().join("out.img");
-        let mut cmd = hot_clone();
-        cmd.args([
-            "reassemble",
-            image_path.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
-        let result = run(cmd, None);
+        let result = run_hot_clone(
+            [
+                "reassemble",
+                image_path.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
         let message = stderr(&result);
         assert_eq!(result.status.code(), Some(1), "{name}: {message}");
         assert!(
@@ -247,9 +250,7 @@ fn bad_images_fail_loudly_and_leave_nothing() {
         assert!(!message.contains("panicked"), "{name}: {message}");
         assert_eq!(listing(dir.path()), ["bad.hc"], "{name} left files behind");
 
-        let mut cmd = hot_clone();
-        cmd.args(["verify", image_path.to_str().unwrap()]);
-        let result = run(cmd, None);
+        let result = run_hot_clone(["verify", image_path.to_str().unwrap()], None);
         assert_eq!(
             result.status.code(),
             Some(1),
@@ -271,9 +272,7 @@ fn verify_reports_and_writes_nothing() {
     let (image, _) = live_like_image(&device, true);
     let image_path = dir.path().join("v.hc");
     fs::write(&image_path, &image).unwrap();
-    let mut cmd = hot_clone();
-    cmd.args(["verify", image_path.to_str().unwrap()]);
-    let result = run(cmd, None);
+    let result = run_hot_clone(["verify", image_path.to_str().unwrap()], None);
     assert!(result.status.success(), "{}", stderr(&result));
     let report = String::from_utf8(result.stdout).unwrap();
     assert!(report.contains("sections: 3\n"), "{report}");
@@ -300,9 +299,10 @@ fn unconverged_image_restores_with_a_warning_and_status_3() {
     let len = image.len();
     image.extend_from_slice(format!("END\tCRC:{crc:08x}\tBYTES:{len}\n").as_bytes());
     let out = dir.path().join("u.img");
-    let mut cmd = hot_clone();
-    cmd.args(["reassemble", "-", "-o", out.to_str().unwrap()]);
-    let result = run(cmd, Some(&image));
+    let result = run_hot_clone(
+        ["reassemble", "-", "-o", out.to_str().unwrap()],
+        Some(&image),
+    );
     assert_eq!(result.status.code(), Some(3), "{}", stderr(&result));
     assert!(stderr(&result).contains("WARNING"), "{}", stderr(&result));
     assert_eq!(fs::read(&out).unwrap(), vec![5; 1024]);
@@ -333,9 +333,7 @@ fn help_lists_only_working_commands_and_exit_codes() {
     }
     // The seed's spelling reaches the imaging command, which names the
     // device it refuses (as root: not a block device; otherwise: root).
-    let mut cmd = hot_clone();
-    cmd.args(["-device", "/dev/null"]);
-    let result = run(cmd, None);
+    let result = run_hot_clone(["-device", "/dev/null"], None);
     assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
     let message = stderr(&result);
     assert!(

@@ -4,9 +4,7 @@
 //! block sizes are compared, a whole disk's partition table is re-read; and
 //! a restore to a file killed midway leaves no temporary behind.
 
-mod common;
-
-use common::*;
+use hc_test_kit::*;
 use std::fs;
 use std::io::Write;
 use std::path::Path;

@@ -8,11 +8,9 @@
 //! for byte, and the run must say it converged. Every failure names its
 //! case and seed; `HOT_CLONE_TEST_SEED=N` replays a run's seeds.
 
-mod common;
-
-use common::run::LiveRun;
-use common::slowdisk::SlowDisk;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::slowdisk::SlowDisk;
+use hc_test_kit::*;
 use hot_clone::demo::writer::{Counts, Mix, run_writer};
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -3,19 +3,15 @@
 //! trailer, naming what changed; and a run's stale-instance cleanup must not
 //! touch an instance some process still reads.
 
-mod common;
-
-use common::run::LiveRun;
-use common::stale::held_stale_instance;
-use common::*;
+use hc_test_kit::run::LiveRun;
+use hc_test_kit::stale::held_stale_instance;
+use hc_test_kit::*;
 use hot_clone::trace::live::TRACEFS_ROOT;
 use std::fs;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A `hot-clone image` of `device` on the tracefs source, held in its
 /// catch-up by a hold file until `release`.

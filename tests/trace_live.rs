@@ -3,11 +3,10 @@
 //! Without root every test fails with a message saying so, never skips.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,243 +18,80 @@ use hot_clone::trace::live::{
 };
 use hot_clone::trace::{DevT, Phase, WriteEvent, WriteKind};
 
-#[path = "common/stale.rs"]
-mod stale;
-use stale::{dead_pid, held_stale_instance};
+use hc_test_kit::loopdev::{LoopDevice, LoopOptions, detach_all_after};
+use hc_test_kit::stale::{dead_pid, held_stale_instance};
+use hc_test_kit::{AlignedBuf, open_direct};
 
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "tests/trace_live.rs needs root (it creates loop devices and tracefs instances): run `sudo cargo test --test trace_live`"
-    );
-    start_watchdog();
-}
-
-/// Loop devices attached by this process and not yet detached.
-static ATTACHED: Mutex<Vec<(PathBuf, Vec<u32>)>> = Mutex::new(Vec::new());
 /// A hung test must not leave loop devices behind when the harness or CI
 /// kills the process (Drop does not run then).
 const WATCHDOG: Duration = Duration::from_secs(300);
 
-fn start_watchdog() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        std::thread::spawn(|| {
-            std::thread::sleep(WATCHDOG);
-            eprintln!(
-                "trace_live: still running after {WATCHDOG:?}; detaching loop devices and exiting"
-            );
-            let attached = ATTACHED.lock().unwrap_or_else(|e| e.into_inner());
-            for (path, partitions) in attached.iter() {
-                for number in partitions {
-                    let _ = Command::new("delpart")
-                        .arg(path)
-                        .arg(number.to_string())
-                        .status();
-                }
-                let _ = Command::new("losetup").arg("-d").arg(path).status();
-            }
-            // Tracefs instances of this pid are removed by the next run's
-            // cleanup_stale_instances (this pid will be dead).
-            std::process::exit(101);
-        });
-    });
+fn require_root() {
+    hc_test_kit::require_root(
+        "create loop devices and tracefs instances (`sudo cargo test --test trace_live`)",
+    );
+    detach_all_after(WATCHDOG, "trace_live");
 }
 
 // ---------------------------------------------------------------------------
-// Fixtures: a loop device with optional BLKPG partitions, removed on drop.
+// Fixtures: loop devices quiet enough to trace, and aligned buffers.
 
-/// `losetup -f` picks a free device then attaches it; serialise within this
-/// process so parallel tests do not race for the same one.
-static LOSETUP_LOCK: Mutex<()> = Mutex::new(());
-
-struct LoopDevice {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-    partitions: Vec<u32>,
+/// A loop device on a file in the temp dir, with direct I/O to it, once
+/// udev's probe of it settled (its reads are not writes, but keep the
+/// trace quiet).
+fn settled_device(bytes: u64) -> LoopDevice {
+    LoopDevice::scratch(
+        bytes,
+        LoopOptions {
+            settle: true,
+            ..LoopOptions::default()
+        },
+    )
 }
 
-impl LoopDevice {
-    /// A loop device on a file in the temp dir, with direct I/O to it.
-    fn new(bytes: u64) -> LoopDevice {
-        Self::create(bytes, &std::env::temp_dir(), "--direct-io=on")
-    }
+/// A fast loop device for load tests: backed by a file in /dev/shm
+/// (memory), through the page cache (tmpfs has no direct I/O).
+fn in_memory_device(bytes: u64) -> LoopDevice {
+    LoopDevice::scratch_in(
+        Path::new("/dev/shm"),
+        bytes,
+        LoopOptions {
+            direct_io: false,
+            settle: true,
+            ..LoopOptions::default()
+        },
+    )
+}
 
-    /// A fast loop device for load tests: backed by a file in /dev/shm
-    /// (memory), through the page cache (tmpfs has no direct I/O).
-    fn new_in_memory(bytes: u64) -> LoopDevice {
-        Self::create(bytes, Path::new("/dev/shm"), "--direct-io=off")
-    }
+fn dev_of(device: &LoopDevice) -> DevT {
+    let meta = fs::metadata(&device.path).unwrap();
+    DevT::from_userspace(meta.rdev()).unwrap()
+}
 
-    fn create(bytes: u64, parent: &Path, direct_io: &str) -> LoopDevice {
-        let dir = tempfile::Builder::new()
-            .prefix("hc-trace-live-")
-            .tempdir_in(parent)
-            .expect("temp dir");
-        let image = dir.path().join("disk.img");
-        File::create(&image).unwrap().set_len(bytes).unwrap();
-        let _guard = LOSETUP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let output = Command::new("losetup")
-            .args(["-f", "--show", direct_io])
-            .arg(&image)
-            .output()
-            .expect("run losetup");
-        assert!(
-            output.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        // The guard exists before any check can fail, so the device is
-        // detached on every path.
-        let device = LoopDevice {
-            path,
-            _dir: dir,
-            partitions: Vec::new(),
-        };
-        ATTACHED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((device.path.clone(), Vec::new()));
-        assert!(
-            device.path.to_string_lossy().starts_with("/dev/loop"),
-            "losetup said {:?}",
-            device.path
-        );
-        // Let udev's probe of the new device settle (its reads are not writes,
-        // but keep the trace quiet).
-        let _ = Command::new("udevadm").arg("settle").status();
-        device
-    }
-
-    fn dev(&self) -> DevT {
-        let meta = fs::metadata(&self.path).unwrap();
-        DevT::from_userspace(meta.rdev()).unwrap()
-    }
-
-    fn sectors(&self) -> u64 {
-        let name = self.path.file_name().unwrap().to_str().unwrap();
-        fs::read_to_string(format!("/sys/block/{name}/size"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    fn whole_target(&self) -> TraceTarget {
-        TraceTarget {
-            disk: self.dev(),
-            sector_first: 0,
-            sector_count: self.sectors(),
-        }
-    }
-
-    /// `addpart DEV N START LEN` (sectors); returns the partition's node.
-    fn add_partition(&mut self, number: u32, start: u64, length: u64) -> PathBuf {
-        let status = Command::new("addpart")
-            .arg(&self.path)
-            .args([number.to_string(), start.to_string(), length.to_string()])
-            .status()
-            .expect("run addpart");
-        assert!(status.success(), "addpart failed");
-        self.partitions.push(number);
-        for (path, partitions) in ATTACHED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
-            if *path == self.path {
-                partitions.push(number);
-            }
-        }
-        let node = PathBuf::from(format!("{}p{number}", self.path.display()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !node.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                node.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        node
-    }
-
-    fn open_direct(&self, path: &Path) -> File {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+fn whole_target(device: &LoopDevice) -> TraceTarget {
+    TraceTarget {
+        disk: dev_of(device),
+        sector_first: 0,
+        sector_count: device.sectors(),
     }
 }
 
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        // Partitions survive detaching: remove them first.
-        for number in self.partitions.drain(..) {
-            let _ = Command::new("delpart")
-                .arg(&self.path)
-                .arg(number.to_string())
-                .status();
-        }
-        ATTACHED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(path, _)| *path != self.path);
-        let _guard = LOSETUP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for _ in 0..50 {
-            match Command::new("losetup").arg("-d").arg(&self.path).status() {
-                Ok(status) if status.success() => return,
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-        eprintln!("WARNING: could not detach {}", self.path.display());
-    }
-}
-
-/// A 4096-aligned buffer for O_DIRECT.
-struct Aligned {
-    pointer: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl Aligned {
-    fn new(bytes: usize, fill: u8) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(bytes, 4096).unwrap();
-        // SAFETY: non-zero size.
-        let pointer = unsafe { std::alloc::alloc(layout) };
-        assert!(!pointer.is_null());
-        // SAFETY: freshly allocated, `bytes` long.
-        unsafe { std::ptr::write_bytes(pointer, fill, bytes) };
-        Aligned { pointer, layout }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: owned allocation of layout.size() bytes.
-        unsafe { std::slice::from_raw_parts_mut(self.pointer, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated with this layout.
-        unsafe { std::alloc::dealloc(self.pointer, self.layout) };
-    }
+/// A 4096-aligned buffer for O_DIRECT, every byte `fill`.
+fn filled(bytes: usize, fill: u8) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(bytes);
+    buf.fill(fill);
+    buf
 }
 
 fn write_direct(file: &File, sector: u64, sectors: u64) {
-    let mut buf = Aligned::new((sectors * SECTOR) as usize, 0xa5);
-    file.write_all_at(buf.bytes(), sector * SECTOR)
+    let buf = filled((sectors * SECTOR) as usize, 0xa5);
+    file.write_all_at(&buf[..], sector * SECTOR)
         .unwrap_or_else(|e| panic!("pwrite at sector {sector}: {e}"));
 }
 
 fn read_direct(file: &File, sector: u64, sectors: u64) {
-    let mut buf = Aligned::new((sectors * SECTOR) as usize, 0);
-    file.read_exact_at(buf.bytes(), sector * SECTOR).unwrap();
+    let mut buf = filled((sectors * SECTOR) as usize, 0);
+    file.read_exact_at(&mut buf[..], sector * SECTOR).unwrap();
 }
 
 /// BLKDISCARD = _IO(0x12, 119), BLKZEROOUT = _IO(0x12, 127): {start, length} in bytes.
@@ -338,13 +174,13 @@ fn drain_until(
 #[test]
 fn tracefs_reports_writes_discards_and_zeroouts_but_not_reads() {
     require_root();
-    let device = LoopDevice::new(64 << 20);
-    let target = device.whole_target();
+    let device = settled_device(64 << 20);
+    let target = whole_target(&device);
     let monotonic_before_ns = monotonic_ns();
     let (mut source, reason) = open_source(&target, &tracefs_config(1 << 20)).expect("open");
     assert_eq!(source.name(), "tracefs");
     assert_eq!(reason, None);
-    let file = device.open_direct(&device.path);
+    let file = open_direct(&device.path);
 
     let writes: [(u64, u64, &str); 4] = [
         (80, 8, "4 KiB write"),
@@ -413,17 +249,17 @@ fn tracefs_reports_writes_discards_and_zeroouts_but_not_reads() {
 #[test]
 fn partition_writes_are_translated_and_clipped() {
     require_root();
-    let mut device = LoopDevice::new(64 << 20);
+    let mut device = settled_device(64 << 20);
     let (start, length) = (2049u64, 10_000u64);
     let partition = device.add_partition(1, start, length);
     let target = TraceTarget {
-        disk: device.dev(),
+        disk: dev_of(&device),
         sector_first: start,
         sector_count: length,
     };
     let (mut source, _) = open_source(&target, &tracefs_config(1 << 20)).expect("open");
-    let part = device.open_direct(&partition);
-    let disk = device.open_direct(&device.path);
+    let part = open_direct(&partition);
+    let disk = open_direct(&device.path);
 
     write_direct(&part, 0, 8); // partition 0..8
     write_direct(&part, 100, 16); // partition 100..116
@@ -466,13 +302,13 @@ fn partition_writes_are_translated_and_clipped() {
 #[test]
 fn tiny_buffer_under_load_reports_loss() {
     require_root();
-    let device = LoopDevice::new_in_memory(64 << 20);
-    let target = device.whole_target();
+    let device = in_memory_device(64 << 20);
+    let target = whole_target(&device);
     let (mut source, _) = open_source(&target, &tracefs_config(4096)).expect("open");
-    let file = device.open_direct(&device.path);
-    let mut buf = Aligned::new(4096, 0x5a);
+    let file = open_direct(&device.path);
+    let buf = filled(4096, 0x5a);
     for index in 0..4000u64 {
-        file.write_all_at(buf.bytes(), (index % 16_000) * 4096)
+        file.write_all_at(&buf[..], (index % 16_000) * 4096)
             .unwrap();
     }
     let lost = source.health().unwrap().lost;
@@ -487,8 +323,8 @@ fn tiny_buffer_under_load_reports_loss() {
 #[test]
 fn drop_removes_the_instance_even_when_unwinding() {
     require_root();
-    let device = LoopDevice::new(16 << 20);
-    let target = device.whole_target();
+    let device = settled_device(16 << 20);
+    let target = whole_target(&device);
     let source = open_tracefs(&target, &tracefs_config(1 << 20)).expect("open");
     let path = source.instance_path().to_path_buf();
     assert!(path.is_dir());
@@ -515,8 +351,8 @@ fn drop_removes_the_instance_even_when_unwinding() {
 #[test]
 fn cleanup_removes_stale_instances_only() {
     require_root();
-    let device = LoopDevice::new(16 << 20);
-    let live_source = open_tracefs(&device.whole_target(), &tracefs_config(1 << 20)).expect("open");
+    let device = settled_device(16 << 20);
+    let live_source = open_tracefs(&whole_target(&device), &tracefs_config(1 << 20)).expect("open");
     // A dead pid of this boot and namespace. The counter part is our pid,
     // so parallel test processes (which probe the same dead pid) make
     // different names.
@@ -583,8 +419,8 @@ fn cleanup_leaves_an_instance_in_use_alone_and_tracing() {
 #[test]
 fn auto_falls_back_to_tracefs_when_blktrace_is_blocked() {
     require_root();
-    let device = LoopDevice::new(16 << 20);
-    let target = device.whole_target();
+    let device = settled_device(16 << 20);
+    let target = whole_target(&device);
     let blktrace = SourceConfig {
         kind: SourceKind::Blktrace,
         buffer_bytes_per_cpu: 1 << 20,
@@ -621,7 +457,7 @@ fn auto_falls_back_to_tracefs_when_blktrace_is_blocked() {
             assert!(!reason.contains('\n'));
             eprintln!("fallback reason: {reason}");
             // And it traces.
-            let file = device.open_direct(&device.path);
+            let file = open_direct(&device.path);
             write_direct(&file, 64, 8);
             let mut events = Vec::new();
             drain_until(source.as_mut(), &mut events, |e| {
@@ -632,7 +468,7 @@ fn auto_falls_back_to_tracefs_when_blktrace_is_blocked() {
         Ok((mut source, _)) => {
             // A machine without lockdown: blktrace itself must work.
             assert_eq!(source.name(), "blktrace");
-            let file = device.open_direct(&device.path);
+            let file = open_direct(&device.path);
             write_direct(&file, 64, 8);
             let mut events = Vec::new();
             drain_until(source.as_mut(), &mut events, |e| {
@@ -649,8 +485,8 @@ fn auto_falls_back_to_tracefs_when_blktrace_is_blocked() {
 #[test]
 fn io_uring_reads_return_on_empty_pipes() {
     require_root();
-    let device = LoopDevice::new(16 << 20);
-    let mut source = open_tracefs(&device.whole_target(), &tracefs_config(1 << 20)).expect("open");
+    let device = settled_device(16 << 20);
+    let mut source = open_tracefs(&whole_target(&device), &tracefs_config(1 << 20)).expect("open");
     source.use_io_uring();
     assert_eq!(source.read_method(), "io_uring", "{}", source.describe());
     let started = Instant::now();
@@ -658,7 +494,7 @@ fn io_uring_reads_return_on_empty_pipes() {
     source.drain(&mut events).unwrap();
     source.drain(&mut events).unwrap();
     assert!(started.elapsed() < Duration::from_secs(1));
-    let file = device.open_direct(&device.path);
+    let file = open_direct(&device.path);
     write_direct(&file, 16, 8);
     drain_until(&mut source, &mut events, |e| {
         covered(e, Phase::Complete).contains(&16)
@@ -673,8 +509,8 @@ fn io_uring_reads_return_on_empty_pipes() {
 fn every_write_under_load_is_seen() {
     require_root();
     const WRITERS: u64 = 4;
-    let device = LoopDevice::new_in_memory(256 << 20);
-    let target = device.whole_target();
+    let device = in_memory_device(256 << 20);
+    let target = whole_target(&device);
     // 4 MiB per CPU: some 250 ms of events at this rate, headroom for a busy
     // machine descheduling the drain loop.
     let (mut source, _) = open_source(&target, &tracefs_config(4 << 20)).expect("open");
@@ -691,13 +527,13 @@ fn every_write_under_load_is_seen() {
     let written: Vec<u64> = std::thread::scope(|scope| {
         let writers: Vec<_> = (0..WRITERS)
             .map(|writer| {
-                let file = device.open_direct(&device.path);
+                let file = open_direct(&device.path);
                 let stop = &stop;
                 scope.spawn(move || {
-                    let mut buf = Aligned::new(4096, 0x3c);
+                    let buf = filled(4096, 0x3c);
                     let mut count = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        file.write_all_at(buf.bytes(), block_of(writer, count) * 4096)
+                        file.write_all_at(&buf[..], block_of(writer, count) * 4096)
                             .unwrap();
                         count += 1;
                     }
@@ -755,10 +591,10 @@ fn every_write_under_load_is_seen() {
 #[test]
 fn a_drain_after_a_write_returns_holds_its_events() {
     require_root();
-    let device = LoopDevice::new_in_memory(64 << 20);
-    let target = device.whole_target();
+    let device = in_memory_device(64 << 20);
+    let target = whole_target(&device);
     let (mut source, _) = open_source(&target, &tracefs_config(1 << 20)).expect("open");
-    let file = device.open_direct(&device.path);
+    let file = open_direct(&device.path);
     let mut completion_after_sync = 0;
     let writes = 500u64;
     for index in 0..writes {
@@ -812,8 +648,8 @@ fn invalid_target_is_rejected() {
 #[test]
 fn read_syscalls_and_io_uring_drain_the_same_backlog() {
     require_root();
-    let device = LoopDevice::new_in_memory(256 << 20);
-    let target = device.whole_target();
+    let device = in_memory_device(256 << 20);
+    let target = whole_target(&device);
     let config = tracefs_config(64 << 20);
     let mut syscalls = open_tracefs(&target, &config).expect("open");
     let mut uring = open_tracefs(&target, &config).expect("open");
@@ -823,12 +659,12 @@ fn read_syscalls_and_io_uring_drain_the_same_backlog() {
     let per_writer = 5_000u64;
     std::thread::scope(|scope| {
         for writer in 0..writers {
-            let file = device.open_direct(&device.path);
+            let file = open_direct(&device.path);
             scope.spawn(move || {
-                let mut buf = Aligned::new(4096, 0x11);
+                let buf = filled(4096, 0x11);
                 for index in 0..per_writer {
                     let block = (writer * per_writer + index) % blocks;
-                    file.write_all_at(buf.bytes(), block * 4096).unwrap();
+                    file.write_all_at(&buf[..], block * 4096).unwrap();
                 }
             });
         }

@@ -3,6 +3,7 @@
 //! act, and collect the whole log. Killed and reaped on drop.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,21 @@ impl LiveRun {
             }
         }
         panic!("no line {prefix:?} within {timeout:?}: {:#?}", self.log);
+    }
+
+    /// Waits for `path` to exist (a marker file the child makes where its
+    /// stderr cannot say it, e.g. while it holds a filesystem frozen).
+    /// Panics with `what` and the log if the child exits first or
+    /// `timeout` passes.
+    pub fn wait_for_file(&mut self, path: &Path, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if self.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                self.finish(Duration::from_secs(1));
+                panic!("{what}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits for the child to exit (killing it after `timeout`, with a

@@ -1,27 +1,37 @@
-//! Shared fixtures for the integration tests: the real binaries, scratch
-//! directories, images built byte by byte, and root-only block devices that
-//! clean up after themselves on every path (Drop), failure included.
+//! The fixtures of hot-clone's tests, benches and tools: the workspace's
+//! binaries, runs whose stderr a test can wait on, images built byte by
+//! byte, and root-only block devices (loop, zram, partitions, the slow
+//! disk, mounts) that clean up after themselves on every path (Drop),
+//! failure included.
+//!
+//! The seeded writer, the comparer, the aligned buffer and the PRNG are
+//! the product demo's own (`hot_clone::demo`), re-exported here: one copy
+//! of each.
 
-#![allow(dead_code)] // each test binary uses a different part of this file
-
+pub mod bins;
+pub mod loopdev;
 pub mod run;
 pub mod slowdisk;
 pub mod stale;
+
+pub use bins::{hc_from_raw, hot_clone, workspace_bin, workspace_command};
+pub use hot_clone::demo::aligned::AlignedBuf;
+pub use hot_clone::demo::prng::XorShift;
+pub use hot_clone::demo::{compare, writer};
+pub use loopdev::{LoopDevice, LoopOptions};
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+
+/// How long a test gives one `hot-clone image` run before it fails it.
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub const BANNER: &str = "This-Is-A-Hot-Clone-Image See: https://github.com/benjojo/hot-clone\n";
-
-pub fn hot_clone() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hot-clone"))
-}
-
-pub fn hc_from_raw() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hc-from-raw"))
-}
 
 /// Runs a command to completion, feeding `stdin` if given.
 pub fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
@@ -44,18 +54,28 @@ pub fn run(mut command: Command, stdin: Option<&[u8]>) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// Runs the product binary with `args` to completion ([`run`]).
+pub fn run_hot_clone<I, S>(args: I, stdin: Option<&[u8]>) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = hot_clone();
+    command.args(args);
+    run(command, stdin)
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Deterministic bytes: runs of pseudo-random data and of zeros.
+/// Deterministic bytes: runs of pseudo-random data and of zeros; every
+/// byte is odd or zero.
 pub fn patterned(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = XorShift::new(seed);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
+        let state = rng.next_u64();
         let run = ((state >> 40) as usize % 20_000).min(len - out.len());
         if state & 3 == 0 {
             out.extend(std::iter::repeat_n(0u8, run));
@@ -83,27 +103,60 @@ pub fn raw_image(sections: &[(u64, &[u8])], trailer: bool) -> Vec<u8> {
     image
 }
 
-/// A naive, independent reader: applies the sections of an image to a
-/// byte vector (ignores the trailer). Shares no code with the crate.
-pub fn independent_restore(image: &[u8]) -> Vec<u8> {
+/// An image, parsed byte by byte (shares no code with the crate).
+#[derive(Debug, Default)]
+pub struct ParsedImage {
+    /// (device offset, image offset of the data, length), in image order.
+    pub sections: Vec<(u64, usize, usize)>,
+    /// (device offset, length) of each B: record, in image order.
+    pub bad: Vec<(u64, u64)>,
+    pub trailer: bool,
+}
+
+/// A naive, independent reader of an image's records (`S:` sections,
+/// `B:` bad ranges, `STATE:` lines, the trailer). Shares no code with the
+/// crate.
+pub fn independent_parse(image: &[u8]) -> ParsedImage {
     let mut at = image.iter().position(|&b| b == b'\n').unwrap() + 1;
-    let mut device = Vec::new();
+    let mut parsed = ParsedImage::default();
     while at < image.len() {
         let eol = at + image[at..].iter().position(|&b| b == b'\n').unwrap();
         let line = std::str::from_utf8(&image[at..eol]).unwrap();
         at = eol + 1;
         if line.starts_with("END\t") {
+            parsed.trailer = true;
+            assert_eq!(at, image.len(), "bytes after the trailer");
             break;
         }
-        let (s, l) = line.split_once('\t').unwrap();
-        let sector: usize = s.strip_prefix("S:").unwrap().parse().unwrap();
-        let len: usize = l.strip_prefix("L:").unwrap().parse().unwrap();
-        let start = sector * 512;
+        if line.starts_with("STATE:") {
+            continue;
+        }
+        let (kind, rest) = line.split_at(2);
+        let (s, l) = rest.split_once('\t').unwrap();
+        let sector: u64 = s.parse().unwrap();
+        let len: u64 = l.strip_prefix("L:").unwrap().parse().unwrap();
+        match kind {
+            "S:" => {
+                parsed.sections.push((sector * 512, at, len as usize));
+                at += len as usize;
+            }
+            "B:" => parsed.bad.push((sector * 512, len)),
+            _ => panic!("unexpected record {line:?}"),
+        }
+    }
+    parsed
+}
+
+/// Applies the sections of an image, in order, to a byte vector as long
+/// as the last one reaches ([`independent_parse`]; B: records aside).
+pub fn independent_restore(image: &[u8]) -> Vec<u8> {
+    let mut device = Vec::new();
+    for (offset, data_at, len) in independent_parse(image).sections {
+        let start = offset as usize;
         if device.len() < start + len {
             device.resize(start + len, 0);
         }
-        device[start..start + len].copy_from_slice(&image[at..at + len]);
-        at += len;
+        device[start..start + len].copy_from_slice(&image[data_at..data_at + len]);
     }
     device
 }
@@ -128,7 +181,7 @@ pub fn require_root(what: &str) {
     );
 }
 
-fn sh(program: &str, args: &[&str]) -> String {
+pub(crate) fn sh(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
         .args(args)
         .output()
@@ -139,140 +192,6 @@ fn sh(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A loop device over a sparse scratch file, detached on drop.
-pub struct LoopDevice {
-    pub path: PathBuf,
-    /// The path only, not an open descriptor: a test process holding the
-    /// backing file open for writing is an alias `hot-clone image` refuses.
-    _backing: Option<tempfile::TempPath>,
-    backing_path: PathBuf,
-    partitions: Vec<u32>,
-}
-
-/// Held while `losetup -f` picks a free device and attaches it, so that
-/// tests in other processes do not race for the same one.
-pub(crate) fn losetup_lock() -> fs::File {
-    use std::os::fd::AsRawFd;
-    let lock = fs::File::create(std::env::temp_dir().join("hot-clone-tests-losetup.lock")).unwrap();
-    // SAFETY: flock on an fd we own.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    lock
-}
-
-impl LoopDevice {
-    pub fn new(size_bytes: u64) -> LoopDevice {
-        Self::with_sector_size(size_bytes, 512)
-    }
-
-    pub fn with_sector_size(size_bytes: u64, sector_bytes: u32) -> LoopDevice {
-        Self::scratch(size_bytes, sector_bytes, false)
-    }
-
-    /// With partition scanning (`losetup -P`): BLKRRPART re-reads its table
-    /// (this kernel has no parsers, so a re-read drops every partition).
-    pub fn with_partition_scan(size_bytes: u64) -> LoopDevice {
-        Self::scratch(size_bytes, 512, true)
-    }
-
-    fn scratch(size_bytes: u64, sector_bytes: u32, partition_scan: bool) -> LoopDevice {
-        require_root("attach loop devices");
-        let backing = tempfile::NamedTempFile::new().unwrap();
-        backing.as_file().set_len(size_bytes).unwrap();
-        let file = backing.path().to_str().unwrap();
-        let sector = sector_bytes.to_string();
-        let _lock = losetup_lock();
-        let mut args = vec!["-f", "--show", "--direct-io=on", "--sector-size", &sector];
-        if partition_scan {
-            args.push("--partscan");
-        }
-        args.push(file);
-        let path = sh("losetup", &args);
-        let backing_path = backing.path().to_path_buf();
-        LoopDevice {
-            path: PathBuf::from(path),
-            _backing: Some(backing.into_temp_path()),
-            backing_path,
-            partitions: Vec::new(),
-        }
-    }
-
-    /// A loop device over an existing file the caller owns (left in place).
-    pub fn attach(file: &Path) -> LoopDevice {
-        require_root("attach loop devices");
-        let _lock = losetup_lock();
-        let path = sh(
-            "losetup",
-            &["-f", "--show", "--direct-io=on", file.to_str().unwrap()],
-        );
-        LoopDevice {
-            path: PathBuf::from(path),
-            _backing: None,
-            backing_path: file.to_path_buf(),
-            partitions: Vec::new(),
-        }
-    }
-
-    /// The file behind the device.
-    pub fn backing(&self) -> &Path {
-        &self.backing_path
-    }
-
-    pub fn write_at(&self, offset: u64, data: &[u8]) {
-        use std::os::unix::fs::FileExt;
-        let file = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
-        file.write_all_at(data, offset).unwrap();
-        file.sync_all().unwrap();
-    }
-
-    pub fn contents(&self) -> Vec<u8> {
-        fs::read(&self.path).unwrap()
-    }
-
-    /// Adds partition `number` (BLKPG) at 512-byte sector `start`, `len` sectors.
-    pub fn add_partition(&mut self, number: u32, start: u64, len: u64) -> PathBuf {
-        let dev = self.path.to_str().unwrap();
-        sh(
-            "addpart",
-            &[
-                dev,
-                &number.to_string(),
-                &start.to_string(),
-                &len.to_string(),
-            ],
-        );
-        self.partitions.push(number);
-        let node = PathBuf::from(format!("{dev}p{number}"));
-        for _ in 0..100 {
-            if node.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert!(node.exists(), "{} did not appear", node.display());
-        node
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let dev = self.path.to_string_lossy().into_owned();
-        for number in self.partitions.drain(..) {
-            // A partition-table re-read may have removed it already.
-            let name = format!(
-                "{}p{number}",
-                self.path.file_name().unwrap().to_string_lossy()
-            );
-            if !Path::new("/sys/class/block").join(name).exists() {
-                continue;
-            }
-            let _ = Command::new("delpart")
-                .args([&dev, &number.to_string()])
-                .status();
-        }
-        let _ = Command::new("losetup").args(["-d", &dev]).status();
-    }
 }
 
 /// A filesystem on a device, mounted on a scratch directory until drop.
@@ -318,8 +237,6 @@ impl Drop for Mounted {
     }
 }
 
-pub use hot_clone::demo::aligned::AlignedBuf;
-
 /// The whole content of a block device, read with O_DIRECT (so no stale
 /// page cache can hide what is on it).
 pub fn read_device(path: &Path) -> Vec<u8> {
@@ -340,6 +257,17 @@ pub fn read_device(path: &Path) -> Vec<u8> {
     out
 }
 
+/// A device opened for reading and writing with O_DIRECT.
+pub fn open_direct(path: &Path) -> fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
 pub fn device_size(path: &Path) -> u64 {
     sh("blockdev", &["--getsize64", path.to_str().unwrap()])
         .parse()
@@ -352,6 +280,27 @@ pub fn logical_block_size(path: &Path) -> u64 {
         .unwrap()
 }
 
+/// An exclusive lock, held until the file is dropped, that every thread,
+/// process and worktree on the machine shares: `flock` on
+/// `hot-clone-tests-NAME.lock` in the system temp dir. Each call opens the
+/// file anew, so threads of one process exclude each other too.
+pub fn machine_lock(name: &str) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join(format!("hot-clone-tests-{name}.lock"));
+    let lock =
+        fs::File::create(&path).unwrap_or_else(|err| panic!("create {}: {err}", path.display()));
+    // SAFETY: flock on a descriptor we own and keep open for the lock's life.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    lock
+}
+
 /// zram0 sized for one test at a time: a lock file serialises its users
 /// across test processes; reset on drop.
 pub struct Zram {
@@ -362,11 +311,7 @@ pub struct Zram {
 impl Zram {
     pub fn new(size_bytes: u64) -> Zram {
         require_root("size zram0");
-        use std::os::fd::AsRawFd;
-        let lock =
-            fs::File::create(std::env::temp_dir().join("hot-clone-tests-zram.lock")).unwrap();
-        // SAFETY: flock on an fd we own.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let lock = machine_lock("zram");
         assert!(
             Path::new("/sys/block/zram0").exists(),
             "zram0 is missing: this test needs the zram module (modprobe zram)"
@@ -434,13 +379,8 @@ impl RandomWriter {
             .unwrap();
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
+            let mut rng = XorShift::from_state(seed);
+            let mut next = move || rng.next_u64();
             let blocks = (range.end - range.start) / lbs;
             let mut buf = AlignedBuf::new(16 * lbs as usize);
             let mut count = 0u64;

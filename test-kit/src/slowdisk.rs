@@ -3,15 +3,18 @@
 //! land) only after a delay while reads of the same blocks return the old
 //! data at once. Everything is undone on drop, failure included.
 
-use super::require_root;
+use crate::loopdev::LoopDevice;
+use crate::require_root;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct SlowDisk {
-    /// The loop device.
+    /// The loop device's node.
     pub path: PathBuf,
+    /// Detached first on drop, while the server still serves its file.
+    device: Option<LoopDevice>,
     server: Child,
     mountpoint: PathBuf,
     /// hc-slowdisk's --eio-file: [`SlowDisk::set_eio`] rewrites it.
@@ -75,7 +78,7 @@ impl SlowDisk {
         let eio_file = dir.path().join("eio");
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir(&mountpoint).unwrap();
-        let mut server = Command::new(env!("CARGO_BIN_EXE_hc-slowdisk"))
+        let mut server = crate::workspace_command("hc-slowdisk")
             .arg(&mountpoint)
             .arg("--backing")
             .arg(&backing)
@@ -108,27 +111,17 @@ impl SlowDisk {
             }
             assert!(Instant::now() < deadline, "hc-slowdisk: {seen:?}");
         }
-        let output = {
-            let _lock = super::losetup_lock();
-            Command::new("losetup")
-                .args(["-f", "--show", "--direct-io=on"])
-                .arg(mountpoint.join("disk"))
-                .output()
-                .unwrap()
-        };
-        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        let disk = SlowDisk {
-            path,
+        let mut disk = SlowDisk {
+            path: PathBuf::new(),
+            device: None,
             server,
             mountpoint,
             eio_file,
             _dir: dir,
         };
-        assert!(
-            output.status.success(),
-            "losetup over the FUSE disk: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let device = LoopDevice::attach(&disk.mountpoint.join("disk"));
+        disk.path = device.path.clone();
+        disk.device = Some(device);
         disk
     }
 }
@@ -168,16 +161,14 @@ pub fn read_direct(path: &std::path::Path, offset: u64, len: usize) -> std::io::
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
-    let mut buf = super::AlignedBuf::new(len);
+    let mut buf = crate::AlignedBuf::new(len);
     file.read_exact_at(buf.as_mut(), offset)?;
     Ok(buf.as_mut().to_vec())
 }
 
 impl Drop for SlowDisk {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-        }
+        drop(self.device.take());
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.server.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,8 +1,6 @@
 //! The bundled tools, through their real binaries (root: loop devices).
 
-mod common;
-
-use common::*;
+use hc_test_kit::*;
 use std::fs;
 use std::process::Command;
 
@@ -160,7 +158,7 @@ fn hc_compare_lists_differing_blocks_and_reads_images() {
 fn hc_slowdisk_delays_writes_and_fails_chosen_ranges() {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::time::{Duration, Instant};
-    let disk = common::slowdisk::SlowDisk::with_faults(
+    let disk = hc_test_kit::slowdisk::SlowDisk::with_faults(
         8 << 20,
         Duration::from_millis(300),
         &[(4 << 20, (4 << 20) + 4096)],

@@ -17,6 +17,7 @@
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use hc_test_kit::{LoopDevice, LoopOptions};
 use hdrhistogram::Histogram;
 use hot_clone::cli::parse_bytes;
 use hot_clone::demo::{aligned::AlignedBuf, prng::XorShift};
@@ -145,7 +146,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 made.set_scheduler(name)?;
             }
             scratch = made;
-            scratch.device.clone()
+            scratch.device.path.clone()
         }
     };
     let size = hot_clone::source::blockdev::size_bytes(&File::open(&device)?)?;
@@ -364,7 +365,8 @@ fn print_table(r: &Report) {
 /// A scratch loop device over a file in the temp directory, filled with
 /// data; detached and removed on drop.
 struct Scratch {
-    device: PathBuf,
+    /// Detached on drop, before its backing file's directory goes.
+    device: LoopDevice,
     _dir: tempfile::TempDir,
     /// The scheduler the loop device had before `set_scheduler`: a loop
     /// device keeps its queue settings after it is detached, so it is put
@@ -387,21 +389,10 @@ impl Scratch {
             left -= n as u64;
         }
         file.sync_all()?;
-        let output = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(&backing)
-            .output()
-            .context("cannot run losetup")?;
-        if !output.status.success() {
-            bail!(
-                "losetup: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        let device = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let device = LoopDevice::try_attach(&backing, &LoopOptions::default())?;
         eprintln!(
             "hc-impact: scratch device {} ({} MiB)",
-            device.display(),
+            device.path.display(),
             size >> 20
         );
         Ok(Scratch {
@@ -414,8 +405,8 @@ impl Scratch {
 
 impl Scratch {
     fn set_scheduler(&mut self, name: &str) -> anyhow::Result<()> {
-        let path = scheduler_path(&self.device)?;
-        let before = scheduler_of(&self.device);
+        let path = scheduler_path(&self.device.path)?;
+        let before = scheduler_of(&self.device.path);
         fs::write(&path, name)
             .with_context(|| format!("cannot set the scheduler {name} in {}", path.display()))?;
         self.scheduler_before = Some(before);
@@ -448,14 +439,14 @@ fn scheduler_of(device: &Path) -> String {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let (Some(before), Ok(path)) = (&self.scheduler_before, scheduler_path(&self.device))
+        if let (Some(before), Ok(path)) =
+            (&self.scheduler_before, scheduler_path(&self.device.path))
             && let Err(err) = fs::write(&path, before)
         {
             eprintln!(
                 "hc-impact: cannot put back the scheduler {before} of {}: {err}",
-                self.device.display()
+                self.device.path.display()
             );
         }
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
     }
 }
