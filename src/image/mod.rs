@@ -196,6 +196,7 @@ pub struct ImageOptions {
     /// Test hook: while frozen, stay frozen while this file exists (so a
     /// test can interrupt a run while the filesystem is frozen); FILE.frozen
     /// is created once the run holds (stderr is held while frozen).
+    #[cfg(feature = "test-hooks")]
     pub hold_frozen_file: Option<PathBuf>,
     /// Thaw after this long at most and carry on unfrozen.
     pub freeze_timeout: Duration,
@@ -225,6 +226,7 @@ impl ImageOptions {
             hold_file: None,
             main_pass_done: None,
             freeze: false,
+            #[cfg(feature = "test-hooks")]
             hold_frozen_file: None,
             freeze_timeout: FREEZE_TIMEOUT_DEFAULT,
             freeze_memory_max: FREEZE_MEMORY_DEFAULT_BYTES,
@@ -721,6 +723,7 @@ impl Run<'_> {
             latency,
             events: Vec::new(),
             cursor: dirty::TakeCursor::new(),
+            #[cfg(feature = "test-hooks")]
             hold_frozen_said: false,
         };
         match rounds::catch_up(&mut world, &mut policy, rounds, self.device.size_bytes)? {

@@ -10,7 +10,6 @@ use crate::geom::ByteExtent;
 use crate::signals;
 use crate::trace::WriteEvent;
 use hdrhistogram::Histogram;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A catch-up round reads across clean gaps up to this long between dirty
@@ -35,6 +34,7 @@ pub(super) struct LiveWorld<'r, 'a> {
     /// Where the current pass's next bounded take starts.
     pub cursor: dirty::TakeCursor,
     /// The hold-frozen hook's marker file was made.
+    #[cfg(feature = "test-hooks")]
     pub hold_frozen_said: bool,
 }
 
@@ -86,13 +86,14 @@ impl LiveWorld<'_, '_> {
 
     /// `--hold-frozen-file` (a test hook): while frozen, stay frozen while
     /// the file exists.
+    #[cfg(feature = "test-hooks")]
     fn hold_frozen(&mut self, frozen: bool) -> bool {
         let options = self.run.options;
         let hold_frozen = frozen
             && options
                 .hold_frozen_file
                 .as_deref()
-                .is_some_and(Path::exists);
+                .is_some_and(std::path::Path::exists);
         if hold_frozen && !self.hold_frozen_said {
             // Test hook: stderr is held while frozen, so say it in a file
             // beside the hold file (never on a frozen filesystem: the test
@@ -105,6 +106,13 @@ impl LiveWorld<'_, '_> {
             }
         }
         hold_frozen
+    }
+
+    /// Without the `test-hooks` feature (every build a user makes) there is
+    /// no hold.
+    #[cfg(not(feature = "test-hooks"))]
+    fn hold_frozen(&mut self, _frozen: bool) -> bool {
+        false
     }
 }
 
