@@ -27,10 +27,13 @@ use crate::source::SourceDevice;
 use crate::source::blockdev::{self, DevNum};
 use crate::source::topology::{self, FileId, Place, View};
 use anyhow::{Context, bail};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -95,11 +98,9 @@ impl Pending {
             path: path.to_path_buf(),
             committed: false,
         };
-        // SAFETY: fchmod on a descriptor we own; no memory is passed.
-        if unsafe { libc::fchmod(file.as_raw_fd(), 0o600) } != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot set mode 0600 on {}", temp_path.display()));
-        }
+        nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(0o600))
+            .map_err(io::Error::from)
+            .with_context(|| format!("cannot set mode 0600 on {}", temp_path.display()))?;
         Ok((file, pending))
     }
 
@@ -111,12 +112,14 @@ impl Pending {
     fn commit(mut self, file: &File) -> anyhow::Result<()> {
         file.sync_all()
             .with_context(|| format!("cannot flush {} to disk", self.temp_path().display()))?;
-        let dir = self.dir.as_raw_fd();
-        // SAFETY: renameat with a directory descriptor we own and two
-        // NUL-terminated names that outlive the call.
-        let rc = unsafe { libc::renameat(dir, self.temp.as_ptr(), dir, self.name.as_ptr()) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).with_context(|| {
+        let renamed = nix::fcntl::renameat(
+            &self.dir,
+            self.temp.as_c_str(),
+            &self.dir,
+            self.name.as_c_str(),
+        );
+        if let Err(errno) = renamed {
+            return Err(io::Error::from(errno)).with_context(|| {
                 format!(
                     "cannot rename {} to {}",
                     self.temp_path().display(),
@@ -137,9 +140,11 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.committed {
-            // SAFETY: unlinkat with a directory descriptor we own and a
-            // NUL-terminated name that outlives the call.
-            unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.temp.as_ptr(), 0) };
+            let _ = nix::unistd::unlinkat(
+                &self.dir,
+                self.temp.as_c_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -479,39 +484,22 @@ fn c_name(name: &OsStr) -> anyhow::Result<CString> {
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; None if there is no entry.
 fn stat_at(dir: &File, name: &CString) -> io::Result<Option<libc::stat>> {
-    // SAFETY: all-zero bytes are a valid `stat` (integers only).
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatat with a directory descriptor we own, a NUL-terminated
-    // name and a pointer to a live local `stat`, all valid for the call.
-    let rc = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(st));
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
-    } else {
-        Err(error)
+    match nix::sys::stat::fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(errno) => Err(errno.into()),
     }
 }
 
 /// `openat(dir, name, flags, mode)`.
 fn open_at(dir: &File, name: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
-    // SAFETY: openat with a directory descriptor we own and a NUL-terminated
-    // name valid for the call; the mode is passed as the variadic argument.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor from openat, owned by nothing else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let fd = nix::fcntl::openat(
+        dir,
+        name.as_c_str(),
+        OFlag::from_bits_retain(flags),
+        Mode::from_bits_truncate(mode),
+    )?;
+    Ok(File::from(fd))
 }
 
 /// A pipe of 64 KiB (the default) wakes its reader 16 times per 1 MiB read;
@@ -523,8 +511,7 @@ fn grow_pipe(pipe: &File) {
         .and_then(|text| text.trim().parse::<libc::c_int>().ok())
         .unwrap_or(1 << 20)
         .min(PIPE_BYTES_WANTED);
-    // SAFETY: F_SETPIPE_SZ on a descriptor we own; no memory is passed.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
+    let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(max));
 }
 
 /// How long a write to a pipe waits for room before it looks at the signal
