@@ -355,3 +355,32 @@ fn a_process_writing_the_backing_file_is_refused() {
     let result = image(&source.path, &["-o", "/dev/null"]);
     assert_eq!(result.status.code(), Some(0), "{}", stderr(&result));
 }
+
+/// `--stats-json` naming the source device (or any block device) is
+/// refused, even with --force: the statistics never land on a device, and
+/// the run leaves no image behind since it ended in an error.
+#[test]
+fn stats_json_on_a_block_device_is_refused() {
+    let device = LoopDevice::new(8 << 20);
+    fill_device(&device.path, 4);
+    let before = checksum(&device.path);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("x.hc");
+    let stats = device.path.to_str().unwrap();
+    for extra in [
+        &["--stats-json", stats][..],
+        &["--stats-json", stats, "--force"],
+    ] {
+        let result = image_to(&device.path, &image, extra);
+        let message = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{message}");
+        assert!(
+            message.contains(&format!(
+                "refusing to write --stats-json to {stats}: it is a block device"
+            )),
+            "{message}"
+        );
+        assert_eq!(checksum(&device.path), before, "the source was written");
+        assert!(!image.exists(), "an image was left after the error");
+    }
+}
