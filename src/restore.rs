@@ -1513,15 +1513,6 @@ mod tests {
         }
     }
 
-    fn names_in(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     #[test]
     fn unnamed_temporary_gets_a_name_only_when_persisted() {
         use std::os::unix::fs::PermissionsExt;
@@ -1531,15 +1522,15 @@ mod tests {
         let temp = TempFile::create_beside(&out).unwrap();
         assert!(temp.is_unnamed(), "{}", temp.describe());
         temp.file.write_all_at(b"abandoned", 0).unwrap();
-        assert!(names_in(dir.path()).is_empty());
+        assert!(hc_test_kit::listing(dir.path()).is_empty());
         drop(temp);
-        assert!(names_in(dir.path()).is_empty());
+        assert!(hc_test_kit::listing(dir.path()).is_empty());
 
         let temp = TempFile::create_beside(&out).unwrap();
         temp.file.write_all_at(b"restored", 0).unwrap();
         temp.file.sync_all().unwrap();
         temp.persist(&out).unwrap();
-        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(hc_test_kit::listing(dir.path()), ["out.img"]);
         assert_eq!(fs::read(&out).unwrap(), b"restored");
         let mode = fs::metadata(&out).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -1553,14 +1544,17 @@ mod tests {
         let temp_path = dir.path().join(".out.img.hc-partial-1");
         let temp = TempFile::create_named(dir.path().into(), temp_path.clone()).unwrap();
         assert!(!temp.is_unnamed());
-        assert_eq!(names_in(dir.path()), [".out.img.hc-partial-1", "out.img"]);
+        assert_eq!(
+            hc_test_kit::listing(dir.path()),
+            [".out.img.hc-partial-1", "out.img"]
+        );
         drop(temp);
-        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(hc_test_kit::listing(dir.path()), ["out.img"]);
 
         let temp = TempFile::create_named(dir.path().into(), temp_path).unwrap();
         temp.file.write_all_at(b"new", 0).unwrap();
         temp.persist(&out).unwrap();
-        assert_eq!(names_in(dir.path()), ["out.img"]);
+        assert_eq!(hc_test_kit::listing(dir.path()), ["out.img"]);
         assert_eq!(fs::read(&out).unwrap(), b"new");
     }
 
