@@ -4,9 +4,9 @@
 use crate::demo::{self, DemoOptions};
 use crate::engine::{Choice, EngineConfig};
 use crate::exit::Exit;
-use crate::image::{self, DirtyMapMemory, ImageError, ImageOptions, Output};
+use crate::image::{self, DirtyMapMemory, ImageOptions, Output};
 use crate::restore::{self, ImageSource, Options};
-use crate::signals::{self, Interrupted};
+use crate::signals;
 use crate::trace::live::{SourceConfig, SourceKind};
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
@@ -319,14 +319,7 @@ pub fn main() -> ExitCode {
             for cause in chain {
                 eprintln!("  because: {cause}");
             }
-            if let Some(image_error) = error.downcast_ref::<ImageError>() {
-                image_error.exit().into()
-            } else if error.chain().any(|c| c.is::<Interrupted>()) {
-                // A signal in another command (restore, verify, demo).
-                Exit::Interrupted.into()
-            } else {
-                Exit::Failure.into()
-            }
+            Exit::of_error(&error).into()
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Exit statuses: 0 only for a complete, trustworthy result.
 
+use crate::image::ImageError;
+use crate::signals::Interrupted;
 use std::process::ExitCode;
 
 /// Every status the program exits with. README.md lists them for users.
@@ -39,6 +41,23 @@ impl From<Exit> for ExitCode {
     }
 }
 
+impl Exit {
+    /// The status a command that failed with `error` exits with: the one
+    /// place errors become statuses. The imaging run's own endings say
+    /// theirs ([`ImageError::exit`]); a signal anywhere in the chain, also
+    /// under a run's other failures, is [`Exit::Interrupted`]; anything else
+    /// is [`Exit::Failure`].
+    pub fn of_error(error: &anyhow::Error) -> Exit {
+        let interrupted = |e: &anyhow::Error| e.chain().any(|c| c.is::<Interrupted>());
+        match error.downcast_ref::<ImageError>() {
+            Some(ImageError::Failed(inner)) if interrupted(inner) => Exit::Interrupted,
+            Some(image_error) => image_error.exit(),
+            None if interrupted(error) => Exit::Interrupted,
+            None => Exit::Failure,
+        }
+    }
+}
+
 /// `main` of a bundled tool: Ok → 0; an error → "PROGRAM: error: ..." with
 /// its causes on one line, and 1.
 pub fn tool_exit(program: &str, result: anyhow::Result<()>) -> ExitCode {
@@ -48,5 +67,46 @@ pub fn tool_exit(program: &str, result: anyhow::Result<()>) -> ExitCode {
             eprintln!("{program}: error: {error:#}");
             ExitCode::from(Exit::Failure as u8)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::CompletionsMissing;
+    use anyhow::Context;
+
+    fn failed(error: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::from(ImageError::Failed(error))
+    }
+
+    #[test]
+    fn errors_map_to_their_statuses() {
+        let plain = anyhow::anyhow!("cannot open /dev/x");
+        assert_eq!(Exit::of_error(&plain), Exit::Failure);
+        assert_eq!(
+            Exit::of_error(&failed(anyhow::anyhow!("EIO"))),
+            Exit::Failure
+        );
+        let signal = anyhow::Error::from(Interrupted).context("restoring x.hc");
+        assert_eq!(Exit::of_error(&signal), Exit::Interrupted);
+        let image_signal = anyhow::Error::from(ImageError::Interrupted(Interrupted));
+        assert_eq!(Exit::of_error(&image_signal), Exit::Interrupted);
+        // A signal that reached the run inside another failure, bare or
+        // under context.
+        assert_eq!(
+            Exit::of_error(&failed(Interrupted.into())),
+            Exit::Interrupted
+        );
+        let deep: anyhow::Result<()> = Err(Interrupted.into());
+        let deep = deep.context("reading the device").unwrap_err();
+        assert_eq!(Exit::of_error(&failed(deep)), Exit::Interrupted);
+        let missing = anyhow::Error::from(ImageError::from(CompletionsMissing {
+            device: "/dev/x".into(),
+            sector_first: None,
+            waited: std::time::Duration::ZERO,
+            matched_total: 0,
+        }));
+        assert_eq!(Exit::of_error(&missing), Exit::CompletionsMissing);
     }
 }
