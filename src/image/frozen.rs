@@ -46,8 +46,8 @@ impl Run<'_> {
             Err(error) => {
                 drop(state);
                 if let Err(release) = out.release() {
-                    *guard = None;
-                    return Err(release).context("cannot write the image");
+                    let release = anyhow::Error::from(release).context("cannot write the image");
+                    return Err(self.output_broke(&mut guard, release));
                 }
                 Err(error)
             }
@@ -132,10 +132,8 @@ impl Run<'_> {
         if !out.is_held() || self.freeze_held() {
             return Ok(());
         }
-        let released = out.release();
-        if released.is_err() {
-            *guard = None;
-        }
-        released.context("cannot write the image")
+        out.release()
+            .context("cannot write the image")
+            .map_err(|error| self.output_broke(&mut guard, error))
     }
 }

@@ -267,7 +267,7 @@ pub fn run(options: &ImageOptions) -> Result<Outcome, ImageError> {
     match result {
         Ok((verdict, mut stats)) => {
             let Some(writer) = writer else {
-                return Err(write_failed().into());
+                return Err(run.reported(write_failed()).into());
             };
             let out = finish_image(writer, &mut stats)?;
             drop(run);
@@ -281,6 +281,7 @@ pub fn run(options: &ImageOptions) -> Result<Outcome, ImageError> {
                 // Ends the stream without a trailer; the error is what counts.
                 let _ = writer.abandon();
             }
+            let error = run.reported(error);
             drop(run); // tracing off before anything else is said
             Err(error.into())
         }
@@ -448,10 +449,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The writer was dropped after a write to it failed (that error was
-/// returned where it happened).
+/// What every caller of a writer that was dropped after a failed write
+/// gets, the failing one included; the failure itself is kept in
+/// [`Run::output_error`] and is what the run reports ([`Run::reported`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the image output failed earlier")]
+struct OutputFailedEarlier;
+
 fn write_failed() -> anyhow::Error {
-    anyhow::anyhow!("the image output failed earlier")
+    OutputFailedEarlier.into()
 }
 
 /// One imaging run's shared state: the main thread reads and runs the
@@ -470,6 +476,11 @@ struct Run<'a> {
     trouble: Mutex<Trouble>,
     /// `None` once a write failed: the stream is broken.
     writer: Mutex<Option<Writer>>,
+    /// The error of the write that broke the stream. Several engine threads
+    /// deliver at once: without it, one that found the writer gone could
+    /// record "failed earlier" as the run's error before the one whose
+    /// write failed (EPIPE, ENOSPC) recorded its own. Set under `writer`.
+    output_error: Mutex<Option<anyhow::Error>>,
     /// Set on loss, signal or a pump error: the engine stops reading.
     stop: AtomicBool,
     /// Events the source lost, for the progress line (also in `trouble`).
@@ -535,6 +546,7 @@ impl<'a> Run<'a> {
             }),
             trouble: Mutex::new(Trouble::default()),
             writer: Mutex::new(Some(writer)),
+            output_error: Mutex::new(None),
             stop: AtomicBool::new(false),
             lost: AtomicU64::new(0),
             started: Instant::now(),
@@ -549,6 +561,25 @@ impl<'a> Run<'a> {
 }
 
 impl Run<'_> {
+    /// Drops the writer after `error` broke it, keeping `error` for
+    /// [`Run::reported`]; what the caller returns instead.
+    fn output_broke(&self, writer: &mut Option<Writer>, error: anyhow::Error) -> anyhow::Error {
+        *writer = None;
+        lock(&self.output_error).get_or_insert(error);
+        write_failed()
+    }
+
+    /// The error the run ends with: `error`, unless it only says the
+    /// output failed earlier, then the failure itself.
+    fn reported(&self, error: anyhow::Error) -> anyhow::Error {
+        if error.chain().any(|c| c.is::<OutputFailedEarlier>())
+            && let Some(broke) = lock(&self.output_error).take()
+        {
+            return broke;
+        }
+        error
+    }
+
     /// The pump on its thread, the passes on this one.
     fn image(&self) -> anyhow::Result<(Verdict, RunStats)> {
         let pump_done = AtomicBool::new(false);

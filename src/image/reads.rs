@@ -34,11 +34,7 @@ impl Run<'_> {
         let Some(writer) = guard.as_mut() else {
             return Err(write_failed());
         };
-        let written = write(self, writer);
-        if written.is_err() {
-            *guard = None;
-        }
-        written
+        write(self, writer).map_err(|error| self.output_broke(&mut guard, error))
     }
 
     /// Reads `extents` into the image; `progress` counts the bytes read.
