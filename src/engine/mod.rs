@@ -53,6 +53,7 @@
 //! sized by the rate ([`tune::paced_geometry`]), so that a live request
 //! never queues behind more than one of our reads.
 
+pub mod gait;
 mod plan;
 mod pool;
 mod salvage;
@@ -78,6 +79,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tune::{DeviceFacts, ReadGeometry};
 use worker::{WorkerReport, WorkerRing};
+
+/// Reader threads are named this and their index: what the foreground
+/// sensor (`trace::live::foreground`) leaves out as ours.
+pub const READ_THREAD_PREFIX: &str = "hc-read-";
 
 /// Worker threads at most.
 pub const THREADS_MAX: usize = 256;
@@ -403,6 +408,7 @@ pub struct Engine {
     run_lock: Mutex<()>,
     /// The rate limit, across every call (no limit when 0).
     pacer: Pacer,
+    gait: gait::Gait,
 }
 
 impl Engine {
@@ -466,6 +472,12 @@ impl Engine {
             settings,
             run_lock: Mutex::new(()),
             pacer: Pacer::new(config.max_rate_bytes_per_second),
+            gait: gait::Gait::new(match facts.kind {
+                // Inline reads are copies on the submitting CPU, not a queue
+                // at the device: a smaller read only costs more syscalls.
+                DeviceKind::Inline => geometry.chunk_bytes,
+                DeviceKind::Queued => geometry.chunk_bytes.min(gait::GENTLE_CHUNK_BYTES),
+            }),
         })
     }
 
@@ -502,6 +514,12 @@ impl Engine {
     /// Changes the rate limit, also while reads run; 0 = no limit.
     pub fn set_rate_limit(&self, bytes_per_second: u64) {
         self.pacer.set_rate(bytes_per_second);
+    }
+
+    /// Reads gently (one small read at a time, spaced; `gait.rs`) or at
+    /// full speed from the next submission on, also while reads run.
+    pub fn set_gentle(&self, gentle: bool) {
+        self.gait.set_gentle(gentle);
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -572,6 +590,7 @@ impl Engine {
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
             pacer: Some(&self.pacer),
+            gait: &self.gait,
             salvage,
         };
         // No more workers than reads: a catch-up of one block uses one.
@@ -600,13 +619,13 @@ impl Engine {
             for (worker_index, worker) in self.workers.iter().enumerate().take(crew) {
                 let core = self.cores[worker_index];
                 let spawned = std::thread::Builder::new()
-                    .name(format!("hc-read-{worker_index}"))
+                    .name(format!("{READ_THREAD_PREFIX}{worker_index}"))
                     .spawn_scoped(scope, move || {
                         if let Some(core) = core {
                             // Best effort: an unpinned worker reads as well.
                             core_affinity::set_for_current(core);
                         }
-                        lock(worker).run(job)
+                        lock(worker).run(job, worker_index)
                     });
                 match spawned {
                     Ok(handle) => handles.push(handle),
@@ -722,13 +741,16 @@ pub(crate) struct Job<'a> {
     halted: AtomicBool,
     first_error: Mutex<Option<anyhow::Error>>,
     pacer: Option<&'a Pacer>,
+    /// Full speed or gentle, read before every submission.
+    pub gait: &'a gait::Gait,
     /// Salvage reads that fail with a range error instead of failing.
     pub salvage: Option<&'a Salvage<'a>>,
 }
 
 impl Job<'_> {
-    pub fn next_chunk(&self) -> Option<Chunk> {
-        lock(&self.cursor).next_chunk()
+    /// The next read, of at most `len_bytes_max`.
+    pub fn next_chunk(&self, len_bytes_max: u32) -> Option<Chunk> {
+        lock(&self.cursor).next_chunk_at_most(len_bytes_max)
     }
 
     pub fn is_halted(&self) -> bool {

@@ -130,7 +130,17 @@ impl<'a> Cursor<'a> {
     }
 
     /// The next read, or `None` when every extent has been handed out.
+    #[cfg(test)]
     pub fn next_chunk(&mut self) -> Option<Chunk> {
+        self.next_chunk_at_most(self.geometry.chunk_bytes as u32)
+    }
+
+    /// The next read, of at most `len_bytes_max` (rounded down to the
+    /// logical block, at least one) and the geometry's chunk size; `None`
+    /// when every extent has been handed out.
+    pub fn next_chunk_at_most(&mut self, len_bytes_max: u32) -> Option<Chunk> {
+        let block_bytes = self.geometry.block_bytes;
+        let len_bytes_max = (u64::from(len_bytes_max) / block_bytes).max(1) * block_bytes;
         // Bounded by the extent count: each turn consumes one extent.
         while self.offset_bytes == self.end_bytes {
             let extent = self.extents.get(self.extent_index_next)?;
@@ -151,7 +161,9 @@ impl<'a> Cursor<'a> {
             }
             // Otherwise wholly inside the previous span: already read.
         }
-        let len_bytes = (self.end_bytes - self.offset_bytes).min(self.geometry.chunk_bytes);
+        let len_bytes = (self.end_bytes - self.offset_bytes)
+            .min(self.geometry.chunk_bytes)
+            .min(len_bytes_max);
         let chunk = Chunk {
             offset_bytes: self.offset_bytes,
             len_bytes: u32::try_from(len_bytes).expect("chunk_bytes fits in u32"),
@@ -198,6 +210,39 @@ mod tests {
             "a finished cursor stays finished"
         );
         chunks
+    }
+
+    #[test]
+    fn a_smaller_limit_mid_extent_shortens_reads_and_loses_nothing() {
+        // The gait switches to gentle after the first read and back after
+        // the third: the reads still tile the extent, in order.
+        let geometry = Geometry::new(4 * MIB, 4096, MIB);
+        let extents = [extent(0, 3 * MIB)];
+        let mut cursor = Cursor::new(geometry, &extents);
+        let limits = [1 << 20, 128 << 10, 5000, 1 << 30];
+        let mut chunks = Vec::new();
+        for limit in limits {
+            chunks.push(cursor.next_chunk_at_most(limit).unwrap());
+        }
+        while let Some(c) = cursor.next_chunk_at_most(1 << 30) {
+            chunks.push(c);
+        }
+        assert_eq!(
+            chunks[..4],
+            [
+                chunk(0, MIB),
+                chunk(MIB, 128 * KIB),
+                // Rounded down to the block, at least one block.
+                chunk(MIB + 128 * KIB, 4 * KIB),
+                chunk(MIB + 132 * KIB, MIB),
+            ]
+        );
+        let mut at = 0;
+        for c in &chunks {
+            assert_eq!(c.offset_bytes, at, "{chunks:?}");
+            at += u64::from(c.len_bytes);
+        }
+        assert_eq!(at, 3 * MIB);
     }
 
     #[test]

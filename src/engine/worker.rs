@@ -16,6 +16,7 @@
 //! so that the engine leaks the pool ([`uring::KernelBuffers`]) rather than
 //! free memory the kernel may still write (the rule is `uring`'s).
 
+use super::gait::Admit;
 use super::plan::Chunk;
 use super::salvage::{self, BadSpan, SalvagePlan, SalvageStop, Salvaged};
 use super::{EngineError, Job, ReadDone, ReadError, Salvage, Unreadable};
@@ -25,7 +26,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use std::io;
 use std::os::unix::io::RawFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Retries of one read that failed with EAGAIN or EINTR (the kernel could
 /// not take it right now) before it counts as failed; salvage's re-reads
@@ -62,6 +63,16 @@ pub(crate) struct WorkerReport {
     pub chunks_salvaged: u64,
     pub salvage_reads: u64,
     pub retry_reads: u64,
+}
+
+/// What one `fill` ended on.
+enum Fill {
+    /// The cursor has no more reads.
+    Dry,
+    /// The gait holds the next read back for at most this long.
+    Held(Duration),
+    /// Every slot has a read in flight.
+    Full,
 }
 
 pub(crate) struct WorkerRing {
@@ -183,7 +194,7 @@ impl WorkerRing {
     /// (an error anywhere, or the stop flag), and returns with no read in
     /// flight. A panic (a bug, or in `deliver`) halts the job, waits for
     /// this ring's reads to complete, and then continues unwinding.
-    pub fn run(&mut self, job: &Job<'_>) -> WorkerReport {
+    pub fn run(&mut self, job: &Job<'_>, worker_index: usize) -> WorkerReport {
         self.latency_us.reset();
         let mut report = WorkerReport::default();
         if let Some(reason) = &self.broken {
@@ -194,7 +205,9 @@ impl WorkerRing {
         }
         assert_eq!(self.in_flight_count, 0);
         assert_eq!(self.free_count, self.slots.len());
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.run_turns(job, &mut report)));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.run_turns(job, worker_index, &mut report)
+        }));
         if let Err(payload) = outcome {
             job.halt();
             self.drain_after_panic();
@@ -207,19 +220,29 @@ impl WorkerRing {
         report
     }
 
-    fn run_turns(&mut self, job: &Job<'_>, report: &mut WorkerReport) {
+    fn run_turns(&mut self, job: &Job<'_>, worker_index: usize, report: &mut WorkerReport) {
         let mut cursor_dry = false;
         // Runs until the cursor is dry or the job halted, and nothing is in
         // flight: each turn submits, reaps, or waits one bounded slice (the
         // waiter bounds refusals in a row; a slow device is waited for, with
-        // the stop flag polled every slice).
+        // the stop flag polled every slice; a worker the gait holds back
+        // with nothing in flight sleeps at most `gait::HOLD_SLICE`).
         loop {
             job.poll_stop();
             let halted = job.is_halted();
+            let mut held = None;
             if !halted && !cursor_dry {
-                cursor_dry = self.fill(job);
+                match self.fill(job, worker_index) {
+                    Fill::Dry => cursor_dry = true,
+                    Fill::Held(wait) => held = Some(wait),
+                    Fill::Full => {}
+                }
             }
             if self.in_flight_count == 0 {
+                if let Some(wait) = held {
+                    std::thread::sleep(wait);
+                    continue;
+                }
                 assert!(halted || cursor_dry, "idle with work left");
                 break;
             }
@@ -242,12 +265,21 @@ impl WorkerRing {
         }
     }
 
-    /// Submits a read into every free slot while the cursor has chunks;
-    /// true once it ran dry.
-    fn fill(&mut self, job: &Job<'_>) -> bool {
+    /// Submits a read into every free slot while the cursor has chunks and
+    /// the gait admits them (`gait::admit`).
+    fn fill(&mut self, job: &Job<'_>, worker_index: usize) -> Fill {
         while self.free_count > 0 {
-            let Some(chunk) = job.next_chunk() else {
-                return true;
+            let chunk_bytes = job.geometry.chunk_bytes as u32;
+            let len_bytes_max =
+                match job
+                    .gait
+                    .admit(worker_index, self.in_flight_count, chunk_bytes)
+                {
+                    Admit::Go { len_bytes_max } => len_bytes_max,
+                    Admit::Hold(wait) => return Fill::Held(wait),
+                };
+            let Some(chunk) = job.next_chunk(len_bytes_max) else {
+                return Fill::Dry;
             };
             job.pace(chunk.len_bytes);
             self.free_count -= 1;
@@ -262,7 +294,7 @@ impl WorkerRing {
                 },
             );
         }
-        false
+        Fill::Full
     }
 
     /// Pushes the SQE for the rest of `read` into slot `slot_index`.
@@ -430,6 +462,7 @@ impl WorkerRing {
             return;
         }
         self.record_latency(&read);
+        job.gait.completed(read.submitted_at.elapsed());
         job.poll_stop();
         if self.deliver(
             job,
@@ -711,6 +744,7 @@ fn pread(fd: RawFd, buf: &mut [u8], offset_bytes: u64) -> salvage::ReadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::gait::{GENTLE_CHUNK_BYTES, Gait};
     use crate::engine::plan::{Cursor, Geometry};
     use crate::engine::pool::BufferPool;
     use crate::geom::ByteExtent;
@@ -723,8 +757,17 @@ mod tests {
     /// A worker reading a regular file with O_DIRECT (no root, no block
     /// device): every fallback of the SQE kinds delivers the file's bytes.
     fn read_file_with(registered_buffers: bool, fixed_file: bool) {
-        const SLOT_BYTES: u32 = 64 * 1024;
-        const FILE_BYTES: usize = 1024 * 1024 + 8192;
+        let gait = Gait::new(GENTLE_CHUNK_BYTES);
+        let reads = read_file_in_gait(registered_buffers, fixed_file, &gait);
+        assert_eq!(reads, (FILE_BYTES as u64).div_ceil(u64::from(SLOT_BYTES)));
+    }
+
+    const SLOT_BYTES: u32 = 64 * 1024;
+    const FILE_BYTES: usize = 1024 * 1024 + 8192;
+
+    /// Reads the whole file in `gait`; every byte arrives. Returns the
+    /// number of reads.
+    fn read_file_in_gait(registered_buffers: bool, fixed_file: bool, gait: &Gait) -> u64 {
         let content: Vec<u8> = (0..FILE_BYTES).map(|i| (i * 7 + i / 4096) as u8).collect();
         let mut scratch = tempfile::NamedTempFile::new().unwrap();
         scratch.write_all(&content).unwrap();
@@ -765,20 +808,26 @@ mod tests {
             halted: AtomicBool::new(false),
             first_error: Mutex::new(None),
             pacer: None,
+            gait,
             salvage: None,
         };
-        let report = ring.run(&job);
+        let report = ring.run(&job, 0);
         assert!(job.first_error.lock().unwrap().is_none());
         assert_eq!(report.bytes_read, FILE_BYTES as u64);
-        assert_eq!(
-            report.reads,
-            (FILE_BYTES as u64).div_ceil(u64::from(SLOT_BYTES))
-        );
         assert_eq!(progress.into_inner(), FILE_BYTES as u64);
         assert_eq!(ring.latency_us.len(), report.reads);
         assert!(*read_back.lock().unwrap() == content);
         drop(ring);
         drop(pool);
+        report.reads
+    }
+
+    #[test]
+    fn the_gentle_gait_reads_everything_in_its_smaller_reads() {
+        let gait = Gait::new(16 * 1024);
+        gait.set_gentle(true);
+        let reads = read_file_in_gait(true, true, &gait);
+        assert_eq!(reads, (FILE_BYTES as u64).div_ceil(16 * 1024));
     }
 
     #[test]
