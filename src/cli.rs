@@ -153,7 +153,7 @@ pub struct ImageArgs {
     #[arg(long)]
     pub force: bool,
     /// Reader threads, one io_uring each, pinned to a CPU; 0 = the CPUs this
-    /// process may run on (one when paced: --max-rate, --adaptive).
+    /// process may run on (one when paced: --max-rate).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
     /// Reads in flight per thread; 0 = by device kind (2 on zram-like
@@ -162,8 +162,8 @@ pub struct ImageArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub queue_depth: u32,
     /// Largest read, e.g. 1M; 0 = by device kind (1 MiB; when paced on a
-    /// queued device, about half a millisecond of --max-rate, 64K to 1M,
-    /// 256K under --adaptive alone).
+    /// queued device, about half a millisecond of --max-rate, 64K to 1M).
+    /// While yielding to other programs, reads are 128K at most.
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes)]
     pub chunk: u64,
     /// Read at most this many bytes per second (e.g. 200M), spread evenly
@@ -179,12 +179,18 @@ pub struct ImageArgs {
     /// process's own).
     #[arg(long, value_name = "CLASS", default_value = "none", value_parser = parse_ioprio)]
     pub ioprio: u16,
-    /// Yield to the live workload: start reading slowly, speed up while
-    /// the latency of its writes (seen in the trace) stays near the lowest
-    /// seen, halve the rate when it climbs. Needs a device that reports
-    /// write completions (loop, NVMe, SCSI, partitions; not zram).
-    /// --max-rate, if given, caps it.
+    /// Read at full speed even while other programs use the disk. By
+    /// default a run yields to them: whenever anyone else reads or writes
+    /// the disk (seen by the kernel's block tracepoints), it keeps one
+    /// small read in flight with a pause as long after each, so their
+    /// requests wait behind one read of ours at most; once nobody else
+    /// has used the disk for a second it reads at full speed again.
+    /// --max-rate caps both.
     #[arg(long)]
+    pub full_speed: bool,
+    /// What the default does now (yield to other programs' reads and
+    /// writes); accepted so that scripts passing it still run.
+    #[arg(long, conflicts_with = "full_speed")]
     pub adaptive: bool,
     /// Memory the dirty map may take at most, e.g. 4M; 0 = as much as it
     /// needs (at most 34.5 MiB per TiB of device, taken as regions are
@@ -402,7 +408,7 @@ fn run_image(args: ImageArgs) -> anyhow::Result<Exit> {
     options.stats_json = args.stats_json;
     options.hold_file = args.hold_file;
     options.freeze = args.freeze;
-    options.adaptive = args.adaptive;
+    options.yield_to_foreground = !args.full_speed;
     options.dirty_map_memory = DirtyMapMemory::from_flag(args.dirty_map_memory);
     #[cfg(feature = "test-hooks")]
     {

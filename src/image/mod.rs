@@ -30,9 +30,9 @@
 //! (`rounds.rs`, the policy) see of the run; `reads.rs` puts what the
 //! engine read into the image; `frozen.rs` is `--freeze`; `output.rs` is
 //! where the image goes; `stats.rs` and `report.rs` count and tell;
-//! `adaptive.rs` paces reads; `error.rs` is how a run fails.
+//! `yielding.rs` keeps out of other programs' way; `error.rs` is how a
+//! run fails.
 
-pub mod adaptive;
 mod bad;
 mod error;
 mod frozen;
@@ -44,6 +44,7 @@ mod report;
 mod rounds;
 mod stats;
 mod world;
+pub mod yielding;
 
 pub use error::{CompletionsMissing, EventsLost, ImageError, TooManyUnreadable};
 pub use pending::{COMPLETION_WAIT_MAX, COMPLETION_WAIT_NONE_SEEN, Completions};
@@ -62,6 +63,7 @@ use crate::signals;
 use crate::source::SourceDevice;
 use crate::source::freeze::{self, Mount};
 use crate::trace::DevT;
+use crate::trace::live::foreground::{DiskstatsWrites, TracefsForeground};
 use crate::trace::live::{self, EventSource, SourceConfig, TraceTarget};
 use crate::units::{Bytes, Rate};
 use anyhow::{Context, bail};
@@ -71,7 +73,7 @@ use output::{ImageOut, Placement};
 use pending::PendingWrites;
 use reads::UnreadableRanges;
 use rounds::{Ending, Rounds, RoundsConfig};
-use stats::Usage;
+use stats::{Usage, YieldStats};
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -202,8 +204,9 @@ pub struct ImageOptions {
     pub freeze_timeout: Duration,
     /// Image bytes held in memory while frozen at most; past it, thaw.
     pub freeze_memory_max: usize,
-    /// Pace reads by the workload's write latency (`crate::image::adaptive`).
-    pub adaptive: bool,
+    /// Yield to other programs' I/O on the disk (`yielding.rs`): the
+    /// default; false = `--full-speed`.
+    pub yield_to_foreground: bool,
     pub dirty_map_memory: DirtyMapMemory,
     /// Re-reads of each block that fails with a range error (`--read-retries`).
     pub read_retries: u32,
@@ -230,7 +233,7 @@ impl ImageOptions {
             hold_frozen_file: None,
             freeze_timeout: FREEZE_TIMEOUT_DEFAULT,
             freeze_memory_max: FREEZE_MEMORY_DEFAULT_BYTES,
-            adaptive: false,
+            yield_to_foreground: true,
             dirty_map_memory: DirtyMapMemory::Unbounded,
             read_retries: READ_RETRIES_DEFAULT,
             max_bad_bytes: MAX_BAD_BYTES_DEFAULT,
@@ -302,15 +305,13 @@ fn start(options: &ImageOptions) -> anyhow::Result<(Placement, Run<'_>)> {
         Vec::new()
     };
     let (output, placement) = output::open(&options.output, &device, options.force)?;
-    let source = trace_on(&device, options)?;
-    let engine = Engine::new(
-        &device,
-        EngineConfig {
-            // --adaptive sets the rate while reads run.
-            paced: options.engine.paced || options.adaptive,
-            ..options.engine
-        },
-    )?;
+    let (source, target) = trace_on(&device, options)?;
+    let engine = Engine::new(&device, options.engine)?;
+    let yielding = options.yield_to_foreground.then(|| {
+        // From the first read on, until the pump has seen the disk idle.
+        engine.set_gentle(true);
+        open_foreground(&device, &target)
+    });
     let block_bytes = DIRTY_BLOCK_BYTES.max(device.logical_block_bytes);
     let dirty = match options.dirty_map_memory {
         DirtyMapMemory::Unbounded => DirtyMap::new(device.size_bytes, block_bytes),
@@ -321,12 +322,43 @@ fn start(options: &ImageOptions) -> anyhow::Result<(Placement, Run<'_>)> {
     let writer = open_image(&device, &options.output, output)?;
     Ok((
         placement,
-        Run::new(options, device, engine, dirty, source, writer, mounts),
+        Run::new(options, device, engine, dirty, source, writer, mounts).yielding(yielding),
     ))
 }
 
+/// The sensor of other programs' I/O on the disk (`yielding.rs`): tracefs,
+/// else the disk's write counts (saying what that misses), else none (the
+/// run then reads gently throughout, saying so).
+fn open_foreground(device: &SourceDevice, target: &TraceTarget) -> pump::Yielding {
+    let tracefs_error = match TracefsForeground::open(target) {
+        Ok(sensor) => return pump::Yielding::new(Some(Box::new(sensor))),
+        Err(error) => error,
+    };
+    match DiskstatsWrites::open(target.disk) {
+        Ok(sensor) => {
+            eprintln!(
+                "hot-clone: WARNING: cannot see other programs' reads of {} ({tracefs_error}); yielding to their writes only, seen in {}. Add --max-rate to spare a workload that only reads",
+                device.path.display(),
+                sensor.path().display()
+            );
+            pump::Yielding::new(Some(Box::new(sensor)))
+        }
+        Err(error) => {
+            eprintln!(
+                "hot-clone: WARNING: cannot see other programs' I/O on {} ({tracefs_error}; {error}): reading gently throughout; --full-speed reads at full speed",
+                device.path.display()
+            );
+            pump::Yielding::new(None)
+        }
+    }
+}
+
 /// Tracing on: a stale instance of a killed run removed, then the source.
-fn trace_on(device: &SourceDevice, options: &ImageOptions) -> anyhow::Result<Box<dyn EventSource>> {
+/// Returns it with the range it traces.
+fn trace_on(
+    device: &SourceDevice,
+    options: &ImageOptions,
+) -> anyhow::Result<(Box<dyn EventSource>, TraceTarget)> {
     match live::cleanup_stale_instances() {
         Ok(removed) if !removed.is_empty() => eprintln!(
             "Removed tracing left behind by a killed run: {}",
@@ -354,7 +386,7 @@ fn trace_on(device: &SourceDevice, options: &ImageOptions) -> anyhow::Result<Box
         eprintln!("Event source: {reason}");
     }
     tracing::info!("Event source: {}", source.describe());
-    Ok(source)
+    Ok((source, target))
 }
 
 /// The image stream on `out`, its banner written.
@@ -496,6 +528,13 @@ struct Run<'a> {
     bad_nonempty: AtomicBool,
     /// Unreadable ranges logged as found (at most UNREADABLE_RANGES_LISTED).
     bad_logged: AtomicU64,
+    /// The default's yielding until the pump takes it; `None` with
+    /// `--full-speed`.
+    yielding: Mutex<Option<pump::Yielding>>,
+    /// What the yielding's sensor is, for the stats.
+    yield_sensor: Option<(String, bool)>,
+    /// Bytes delivered by the engine, main pass and catch-up.
+    read_bytes: AtomicU64,
     /// Last: dropped after the engine and the trace that use it.
     device: SourceDevice,
 }
@@ -555,12 +594,23 @@ impl<'a> Run<'a> {
             unreadable: Mutex::new(UnreadableRanges::default()),
             bad_nonempty: AtomicBool::new(false),
             bad_logged: AtomicU64::new(0),
+            yielding: Mutex::new(None),
+            yield_sensor: None,
+            read_bytes: AtomicU64::new(0),
             device,
         }
     }
 }
 
 impl Run<'_> {
+    /// The run, yielding to other programs as `yielding` says (`None`:
+    /// `--full-speed`).
+    fn yielding(mut self, yielding: Option<pump::Yielding>) -> Self {
+        self.yield_sensor = yielding.as_ref().map(pump::Yielding::sensor_facts);
+        self.yielding = Mutex::new(yielding);
+        self
+    }
+
     /// Drops the writer after `error` broke it, keeping `error` for
     /// [`Run::reported`]; what the caller returns instead.
     fn output_broke(&self, writer: &mut Option<Writer>, error: anyhow::Error) -> anyhow::Error {
@@ -599,13 +649,18 @@ impl Run<'_> {
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (result, pumped)
         });
-        let rates = pumped?;
+        let gait_changes = pumped?;
         self.check_events()?;
         let (verdict, mut stats) = result?;
-        stats.adaptive_rate_range = self
-            .options
-            .adaptive
-            .then_some((rates.lowest, rates.highest));
+        stats.yielding = self
+            .yield_sensor
+            .clone()
+            .map(|(sensor, blind_to_reads)| YieldStats {
+                sensor,
+                blind_to_reads,
+                gentle_seconds: yielding::gentle_seconds(&gait_changes, stats.seconds),
+                gait_changes,
+            });
         Ok((verdict, stats))
     }
 
@@ -714,7 +769,7 @@ impl Run<'_> {
             freeze_seconds: freeze.held_seconds,
             freeze_ended_early: freeze.ended_early.clone(),
             // Known once the pump has stopped (`Run::image`).
-            adaptive_rate_range: None,
+            yielding: None,
             unreadable,
             seconds: self.started.elapsed().as_secs_f64(),
         }

@@ -1,14 +1,14 @@
 //! The pump: a thread that drains the trace every couple of milliseconds
 //! into the dirty map and the pending writes, checks the source's health,
-//! ends a freeze at `--freeze-timeout`, and paces reads (`--adaptive`).
+//! ends a freeze at `--freeze-timeout`, and switches the engine between
+//! full speed and gentle as other programs use the disk (`yielding.rs`).
 
-use super::adaptive::{self, Controller, LatencyProbe};
 use super::pending::Completions;
-use super::stats::RateRange;
+use super::yielding::{self, GaitChange, Yielder};
 use super::{Run, Traced, lock};
 use crate::signals;
+use crate::trace::live::foreground::ForegroundSensor;
 use crate::trace::{Phase, WriteEvent};
-use crate::units::Rate;
 use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,41 +19,56 @@ const PUMP_INTERVAL: Duration = Duration::from_millis(2);
 /// The pump asks the source for lost events at least this often.
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-/// `--adaptive`: the pump's read-rate control, fed by its drains.
-struct Pacing {
-    /// The workload's write latencies.
-    probe: LatencyProbe,
-    controller: Controller,
-    window_started: Instant,
-    /// The lowest and highest rate set.
-    rates: RateRange,
+/// The default's yielding, fed by the foreground sensor.
+pub(super) struct Yielding {
+    /// `None` once it failed: the run then stays gentle.
+    sensor: Option<Box<dyn ForegroundSensor>>,
+    yielder: Yielder,
+    last_sample: Option<Instant>,
+    /// The gait the engine has: the yielder's, or full speed while frozen.
+    engine_gentle: bool,
+    changes: Vec<GaitChange>,
+}
+
+impl Yielding {
+    /// `sensor`: `None` if no sensor could be opened (the run stays gentle).
+    pub(super) fn new(sensor: Option<Box<dyn ForegroundSensor>>) -> Yielding {
+        Yielding {
+            sensor,
+            yielder: Yielder::new(),
+            last_sample: None,
+            engine_gentle: true,
+            changes: Vec::new(),
+        }
+    }
+
+    /// What the sensor is and whether it is blind to reads (`None`: no
+    /// sensor).
+    pub(super) fn sensor_facts(&self) -> (String, bool) {
+        match &self.sensor {
+            Some(sensor) => (sensor.describe(), sensor.blind_to_reads()),
+            None => ("none: reading gently throughout".to_string(), true),
+        }
+    }
 }
 
 impl Run<'_> {
     /// Drains the trace until `done`, checking for loss; on loss or a
-    /// signal it sets `stop` so the engine stops reading. Returns the range
-    /// of read rates `--adaptive` set (empty without it).
-    pub(super) fn pump(&self, done: &AtomicBool) -> anyhow::Result<RateRange> {
+    /// signal it sets `stop` so the engine stops reading. Returns the
+    /// gait's changes (none with `--full-speed`).
+    pub(super) fn pump(&self, done: &AtomicBool) -> anyhow::Result<Vec<GaitChange>> {
         let mut last_loss_check = Instant::now();
-        let mut pacing = self.options.adaptive.then(|| Pacing {
-            probe: LatencyProbe::default(),
-            controller: Controller::new(self.options.engine.max_rate_bytes_per_second),
-            window_started: Instant::now(),
-            rates: RateRange::default(),
-        });
-        if let Some(pacing) = &mut pacing {
-            self.set_rate(pacing, pacing.controller.rate());
-        }
+        let mut yielding = lock(&self.yielding).take();
         let mut events = Vec::new();
         while !done.load(Ordering::SeqCst) {
-            if let Some(pacing) = &mut pacing {
-                self.pace(pacing);
+            if let Some(yielding) = &mut yielding {
+                self.yield_to_foreground(yielding);
             }
             if signals::interrupted() {
                 self.stop.store(true, Ordering::SeqCst);
             }
             self.check_freeze_timeout()?;
-            let drained = self.drain(&mut events, pacing.as_mut().map(|p| &mut p.probe))?;
+            let drained = self.drain(&mut events)?;
             if last_loss_check.elapsed() >= LOSS_CHECK_INTERVAL {
                 last_loss_check = Instant::now();
                 self.check_health()?;
@@ -63,54 +78,67 @@ impl Run<'_> {
             }
         }
         self.check_health()?;
-        Ok(pacing.map_or_else(RateRange::default, |pacing| pacing.rates))
+        Ok(yielding.map_or_else(Vec::new, |yielding| yielding.changes))
     }
 
-    /// Once a window: the rate the workload's write latency allows.
-    fn pace(&self, pacing: &mut Pacing) {
-        if pacing.window_started.elapsed() < Duration::from_millis(adaptive::WINDOW_MS) {
+    /// Once a sample interval: the gait the foreground allows, full speed
+    /// while frozen.
+    fn yield_to_foreground(&self, yielding: &mut Yielding) {
+        if yielding
+            .last_sample
+            .is_some_and(|at| at.elapsed() < yielding::SAMPLE_INTERVAL)
+        {
             return;
         }
-        pacing.window_started = Instant::now();
-        let latency = pacing.probe.take_window();
-        let rate = pacing.controller.on_window(latency);
-        self.set_rate(pacing, rate);
-        tracing::info!(
-            "Adaptive: workload write latency {} -> reading at {}",
-            latency.map_or("none".to_string(), |l| format!("{l:.0} us")),
-            Rate(rate as f64)
-        );
+        yielding.last_sample = Some(Instant::now());
+        let at = self.started.elapsed();
+        if let Some(sensor) = &mut yielding.sensor {
+            match sensor.count() {
+                Ok(count) => {
+                    if let Some(gentle) = yielding.yielder.observe(at, count) {
+                        tracing::info!(
+                            "{}: {}",
+                            self.device.path.display(),
+                            if gentle {
+                                "other programs use the disk: reading gently"
+                            } else {
+                                "no I/O of other programs for a second: reading at full speed"
+                            }
+                        );
+                    }
+                }
+                Err(error) => {
+                    eprintln!(
+                        "hot-clone: WARNING: cannot sense other programs' I/O on {} any more ({error}): reading gently to the end",
+                        self.device.path.display()
+                    );
+                    yielding.sensor = None;
+                    yielding.yielder = Yielder::new();
+                }
+            }
+        }
+        let gentle = yielding.yielder.is_gentle() && !self.freeze_held();
+        if gentle != yielding.engine_gentle {
+            yielding.engine_gentle = gentle;
+            self.engine.set_gentle(gentle);
+            yielding.changes.push(GaitChange {
+                at_seconds: at.as_secs_f64(),
+                gentle,
+                read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            });
+        }
     }
 
-    fn set_rate(&self, pacing: &mut Pacing, bytes_per_second: u64) {
-        self.engine.set_rate_limit(bytes_per_second);
-        pacing.rates.include(bytes_per_second);
-    }
-
-    /// Drains the trace once, marking every write, and feeds `probe` the
-    /// write latencies. `events` is scratch space the caller keeps, so
-    /// that draining every couple of milliseconds allocates nothing once
-    /// it has grown.
-    fn drain(
-        &self,
-        events: &mut Vec<WriteEvent>,
-        probe: Option<&mut LatencyProbe>,
-    ) -> anyhow::Result<usize> {
+    /// Drains the trace once, marking every write. `events` is scratch
+    /// space the caller keeps, so that draining every couple of
+    /// milliseconds allocates nothing once it has grown.
+    fn drain(&self, events: &mut Vec<WriteEvent>) -> anyhow::Result<usize> {
         events.clear();
         let mut traced = lock(&self.traced);
         self.drain_locked(&mut traced, false, events)?;
         // Marked before the lock is released: whoever takes the dirty set
         // after holding this lock sees these writes.
         drop(traced);
-        if let Some(probe) = probe {
-            for event in events.iter() {
-                match event.phase {
-                    Phase::Queue => probe.queued(event.sector_first, event.timestamp_ns),
-                    Phase::Complete => probe.completed(event.sector_first, event.timestamp_ns),
-                    Phase::Issue => {}
-                }
-            }
-        }
         Ok(events.len())
     }
 

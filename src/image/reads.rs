@@ -75,6 +75,8 @@ impl Run<'_> {
         // Checksummed on the reading thread, in parallel; only the write
         // itself is serialized.
         let crc = crc32c_of(done.data);
+        self.read_bytes
+            .fetch_add(done.data.len() as u64, Ordering::Relaxed);
         self.write_image(|run, writer| {
             run.make_room(writer, done.data.len())?;
             writer

@@ -166,6 +166,7 @@ fn summary_lines(outcome: &Outcome) -> Vec<String> {
         ),
     ];
     lines.extend(freeze_line(stats));
+    lines.extend(yield_line(stats));
     if stats.unreadable.range_count > 0 {
         lines.push(format!(
             "Summary: {} (B: records; restored as zeros); {} chunks re-read block by block, {} retries",
@@ -183,6 +184,26 @@ fn summary_lines(outcome: &Outcome) -> Vec<String> {
         }
     ));
     lines
+}
+
+/// The default's yielding: how long the run read gently, and what it could
+/// not see.
+fn yield_line(stats: &RunStats) -> Option<String> {
+    let yielding = stats.yielding.as_ref()?;
+    // A run starts gentle: one spell, and one more per switch back.
+    let spells = 1 + yielding.gait_changes.iter().filter(|c| c.gentle).count();
+    Some(format!(
+        "Summary: read gently for {:.1}s of {:.1}s ({} {}){}",
+        yielding.gentle_seconds,
+        stats.seconds,
+        spells,
+        if spells == 1 { "spell" } else { "spells" },
+        if yielding.blind_to_reads {
+            "; other programs' reads could not be seen"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// `--freeze`: what was frozen, how long, and whether it ended early.

@@ -2,6 +2,7 @@
 //! arithmetic that fills it. The text made of it is `report.rs`.
 
 use super::bad::BadMap;
+use super::yielding::GaitChange;
 use crate::engine::{EngineSettings, ReadStats};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -117,8 +118,10 @@ pub struct RunStats {
     /// `--freeze-memory`): the image is then not one instant of the
     /// filesystem.
     pub freeze_ended_early: Option<String>,
-    /// `--adaptive`: the lowest and highest read rate it set (bytes/s).
-    pub adaptive_rate_range: Option<(u64, u64)>,
+    /// Whether the run yielded to other programs' I/O (not
+    /// `--full-speed`), and if so: how it sensed them, each switch of the
+    /// gait (the run starts gentle), and the seconds it read gently.
+    pub yielding: Option<YieldStats>,
     /// What the device could not read (each range a `B:` record).
     pub unreadable: UnreadableStats,
     pub seconds: f64,
@@ -246,27 +249,15 @@ pub struct EventStats {
     pub completions_unmatched_sectors: u64,
 }
 
-/// The lowest and highest read rate `--adaptive` set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateRange {
-    pub lowest: u64,
-    pub highest: u64,
-}
-
-impl Default for RateRange {
-    fn default() -> RateRange {
-        RateRange {
-            lowest: u64::MAX,
-            highest: 0,
-        }
-    }
-}
-
-impl RateRange {
-    pub fn include(&mut self, bytes_per_second: u64) {
-        self.lowest = self.lowest.min(bytes_per_second);
-        self.highest = self.highest.max(bytes_per_second);
-    }
+/// The default's yielding to other programs (`yielding.rs`).
+#[derive(Clone, Debug, Serialize)]
+pub struct YieldStats {
+    /// What the sensor counts (`trace::live::foreground`).
+    pub sensor: String,
+    /// The sensor sees other programs' writes but not their reads.
+    pub blind_to_reads: bool,
+    pub gait_changes: Vec<GaitChange>,
+    pub gentle_seconds: f64,
 }
 
 /// This process's use of the machine, from getrusage.
@@ -362,21 +353,6 @@ mod tests {
         assert_eq!(pass.bytes_per_second, 4.0 * f64::from(1 << 20));
         assert_eq!(pass.latency_us.p50, 200);
         assert_eq!(pass.latency_us.max, 400);
-    }
-
-    #[test]
-    fn the_rate_range_starts_empty_and_widens() {
-        let mut range = RateRange::default();
-        range.include(300);
-        range.include(100);
-        range.include(200);
-        assert_eq!(
-            range,
-            RateRange {
-                lowest: 100,
-                highest: 300
-            }
-        );
     }
 
     #[test]

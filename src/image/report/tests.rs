@@ -44,7 +44,7 @@ fn stats() -> RunStats {
         frozen: Vec::new(),
         freeze_seconds: None,
         freeze_ended_early: None,
-        adaptive_rate_range: None,
+        yielding: None,
         unreadable: UnreadableStats::default(),
         seconds: 1.25,
     }

@@ -85,6 +85,7 @@
 //! comes online later is an error ([`LiveError::CpuOnline`]).
 
 mod blktrace;
+pub mod foreground;
 mod integrity;
 mod reader;
 mod sys;

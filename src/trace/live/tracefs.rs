@@ -167,7 +167,7 @@ pub fn stale_action(
 /// A tracefs instance owned by this process. Dropping it removes it; every
 /// file of the instance must be closed by then, or the kernel refuses
 /// (`EBUSY`).
-struct Instance {
+pub(super) struct Instance {
     path: PathBuf,
     /// A second signal switches the instance off from the handler
     /// (`crate::signals`); the next run removes it.
@@ -175,7 +175,11 @@ struct Instance {
 }
 
 impl Instance {
-    fn create(root: &Path) -> Result<Instance, LiveError> {
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn create(root: &Path) -> Result<Instance, LiveError> {
         let identity = super::current_identity()?;
         for _ in 0..INSTANCE_NAME_ATTEMPTS_MAX {
             let counter = INSTANCE_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -240,7 +244,7 @@ fn remove_instance(path: &Path) -> Result<(), LiveError> {
 }
 
 /// Makes sure tracefs is mounted at [`TRACEFS_ROOT`], mounting it if not.
-fn ensure_tracefs() -> Result<PathBuf, LiveError> {
+pub(super) fn ensure_tracefs() -> Result<PathBuf, LiveError> {
     let root = PathBuf::from(TRACEFS_ROOT);
     if root.join("instances").is_dir() {
         return Ok(root);
