@@ -2,7 +2,7 @@
 //!
 //! The convention for every layer:
 //! - `tracing::info!`: what `-v`/`--verbose` shows (the event source, each
-//!   catch-up round, the adaptive rate, restore's image summary).
+//!   catch-up round, each switch between gentle and full speed, restore's image summary).
 //! - `tracing::warn!` and `tracing::error!`: shown without `-v`, for
 //!   side remarks such as a clean-up that failed. The message is the whole
 //!   line as users see it, prefix included (`hot-clone: warning: ...`):

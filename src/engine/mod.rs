@@ -49,7 +49,7 @@
 //! inline devices (zram); on queued devices (loop, NVMe) 1 MiB reads, as many
 //! per worker as share an in-flight budget of 16 MiB (at most 1/32 of RAM),
 //! 8 to 128 per worker: 8 with two workers. Paced reads (a rate limit, or
-//! `paced` for `--adaptive`) default to one worker with one read in flight,
+//! `paced`, for a caller that sets the rate while reads run) default to one worker with one read in flight,
 //! sized by the rate ([`tune::paced_geometry`]), so that a live request
 //! never queues behind more than one of our reads.
 
@@ -123,9 +123,9 @@ pub struct EngineConfig {
     /// The I/O priority every read carries in its SQE (`--ioprio`), as
     /// `IOPRIO_PRIO_VALUE(class, level)`; 0 = the thread's own.
     pub ioprio: u16,
-    /// Reads will be paced while they run ([`Engine::set_rate_limit`], for
-    /// `--adaptive`) even if `max_rate_bytes_per_second` is 0. A paced
-    /// engine's defaults keep the device's queue short: see
+    /// Reads will be paced while they run (the caller sets the rate with
+    /// [`Engine::set_rate_limit`]) even if `max_rate_bytes_per_second` is
+    /// 0. A paced engine's defaults keep the device's queue short: see
     /// [`tune::paced_geometry`].
     pub paced: bool,
 }

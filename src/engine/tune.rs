@@ -270,7 +270,8 @@ pub struct PacedGeometry {
 /// device each read is about half a millisecond of the rate
 /// (`rate / 2048`, rounded down to a power of two, within
 /// [`PACED_CHUNK_BYTES_MIN`, `CHUNK_BYTES_QUEUED`]; [`PACED_CHUNK_BYTES_UNCAPPED`]
-/// when the rate is not known in advance, as under `--adaptive` alone).
+/// when the rate is not known in advance: a caller sets it later with
+/// `Engine::set_rate_limit`).
 /// Measured with `hc-impact` on the direct-io loop device at
 /// `--max-rate 750M` (PERF.md): the default geometry (two workers, eight
 /// 1 MiB reads each) inflated the foreground's p99 15x; one 256 KiB read in
@@ -355,7 +356,11 @@ mod tests {
         assert_eq!(chunk(200_000_000), 64 * kib);
         assert_eq!(chunk(1), PACED_CHUNK_BYTES_MIN);
         assert_eq!(chunk(u64::MAX), CHUNK_BYTES_QUEUED);
-        assert_eq!(chunk(0), PACED_CHUNK_BYTES_UNCAPPED, "adaptive alone");
+        assert_eq!(
+            chunk(0),
+            PACED_CHUNK_BYTES_UNCAPPED,
+            "paced, rate set later"
+        );
         let geometry = paced_geometry(DeviceKind::Queued, 750_000_000);
         assert_eq!((geometry.threads, geometry.queue_depth), (1, 1));
         assert_eq!(
@@ -451,12 +456,12 @@ mod tests {
             shape(choose_geometry(&facts, &rated).unwrap()),
             (1, 1, 256 << 10)
         );
-        let adaptive = EngineConfig {
+        let paced_later = EngineConfig {
             paced: true,
             ..EngineConfig::default()
         };
         assert_eq!(
-            shape(choose_geometry(&facts, &adaptive).unwrap()),
+            shape(choose_geometry(&facts, &paced_later).unwrap()),
             (1, 1, PACED_CHUNK_BYTES_UNCAPPED)
         );
         let deeper = EngineConfig {
