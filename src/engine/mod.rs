@@ -522,6 +522,10 @@ impl Engine {
         self.gait.set_gentle(gentle);
     }
 
+    pub fn is_gentle(&self) -> bool {
+        self.gait.is_gentle()
+    }
+
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
     }

@@ -535,6 +535,9 @@ struct Run<'a> {
     yield_sensor: Option<(String, bool)>,
     /// Bytes delivered by the engine, main pass and catch-up.
     read_bytes: AtomicU64,
+    /// A gentle catch-up read took too long: full speed from then on
+    /// (`yielding.rs`).
+    catch_up_full_speed: AtomicBool,
     /// Last: dropped after the engine and the trace that use it.
     device: SourceDevice,
 }
@@ -597,6 +600,7 @@ impl<'a> Run<'a> {
             yielding: Mutex::new(None),
             yield_sensor: None,
             read_bytes: AtomicU64::new(0),
+            catch_up_full_speed: AtomicBool::new(false),
             device,
         }
     }

@@ -81,8 +81,8 @@ impl Run<'_> {
         Ok(yielding.map_or_else(Vec::new, |yielding| yielding.changes))
     }
 
-    /// Once a sample interval: the gait the foreground allows, full speed
-    /// while frozen.
+    /// Once a sample interval: the gait the foreground allows; full speed
+    /// while frozen, and once catch-up reads could not keep up gently.
     fn yield_to_foreground(&self, yielding: &mut Yielding) {
         if yielding
             .last_sample
@@ -117,7 +117,9 @@ impl Run<'_> {
                 }
             }
         }
-        let gentle = yielding.yielder.is_gentle() && !self.freeze_held();
+        let gentle = yielding.yielder.is_gentle()
+            && !self.freeze_held()
+            && !self.catch_up_full_speed.load(Ordering::Relaxed);
         if gentle != yielding.engine_gentle {
             yielding.engine_gentle = gentle;
             self.engine.set_gentle(gentle);

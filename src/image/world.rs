@@ -3,13 +3,14 @@
 //! read goes through the engine into the image.
 
 use super::rounds::{Look, RoundRead, World};
-use super::{ImageError, Run, lock};
+use super::{ImageError, Run, lock, yielding};
 use crate::dirty;
 use crate::format::RunState;
 use crate::geom::ByteExtent;
 use crate::signals;
 use crate::trace::WriteEvent;
 use hdrhistogram::Histogram;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A catch-up round reads across clean gaps up to this long between dirty
@@ -160,6 +161,16 @@ impl World for LiveWorld<'_, '_> {
         self.latency
             .add(&stats.latency_us)
             .expect("histograms agree");
+        if stats.elapsed > yielding::CATCH_UP_GENTLE_READ_MAX
+            && self.run.engine.is_gentle()
+            && !self.run.catch_up_full_speed.swap(true, Ordering::Relaxed)
+        {
+            tracing::info!(
+                "{}: a gentle catch-up read took {:.1}s: the workload writes faster than gentle reads catch up, so the rest of the run reads at full speed",
+                self.run.device.path.display(),
+                stats.elapsed.as_secs_f64()
+            );
+        }
         Ok(RoundRead {
             bytes_read: stats.bytes_read,
             seconds: stats.elapsed.as_secs_f64(),

@@ -14,6 +14,12 @@
 //! whatever it sees: nothing can write then, and a shorter freeze is what
 //! spares the workload (`Run::pump`).
 //!
+//! Catch-up rounds read gently too, until one round's reads take longer
+//! than [`CATCH_UP_GENTLE_READ_MAX`]: then the workload writes faster than
+//! gentle reads catch up, and the rest of the run reads at full speed —
+//! a run that never converges would only go on loading the disk, and end
+//! with an image it cannot vouch for (`world.rs`).
+//!
 //! The decision is [`Yielder::observe`], pure over (time, count), so the
 //! orders that matter are unit tests.
 
@@ -32,6 +38,13 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 /// yielded to throughout, and a filesystem's journal commit (every 5 s on
 /// ext4) costs at most a second of gentle reading.
 pub const HOLD: Duration = Duration::from_secs(1);
+
+/// A gentle catch-up read longer than this switches the rest of the run
+/// to full speed (module documentation). A round re-reads what the
+/// workload wrote during the one before, so a round this long means the
+/// rounds are not shrinking fast: at a quarter of a second the run still
+/// gives a light workload's rounds (milliseconds) all the gentleness.
+pub const CATCH_UP_GENTLE_READ_MAX: Duration = Duration::from_millis(250);
 
 /// The controller.
 #[derive(Clone, Debug)]
