@@ -41,7 +41,9 @@ impl Imaging {
         Imaging { run, dir, hold }
     }
 
-    /// The run's tracefs instance (named `hot-clone-<pid>-...`).
+    /// The run's tracefs instance of the write trace (named
+    /// `hot-clone-<pid>-...`, with completion events on; the other one,
+    /// with only `block_bio_queue`, counts other programs' I/O).
     fn instance(&self) -> PathBuf {
         let pid = self.run.child.id();
         let prefix = format!("hot-clone-{pid}-");
@@ -51,8 +53,16 @@ impl Imaging {
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
             .map(|e| e.path())
+            .filter(|path| {
+                fs::read_to_string(path.join("events/block/block_bio_complete/enable"))
+                    .is_ok_and(|enable| enable.trim() == "1")
+            })
             .collect();
-        assert_eq!(names.len(), 1, "instances of pid {pid}: {names:?}");
+        assert_eq!(
+            names.len(),
+            1,
+            "write-trace instances of pid {pid}: {names:?}"
+        );
         names[0].clone()
     }
 

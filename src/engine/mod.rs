@@ -752,6 +752,11 @@ pub(crate) struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// Whether the cursor has a read left.
+    pub fn has_more(&self) -> bool {
+        lock(&self.cursor).has_more()
+    }
+
     /// The next read, of at most `len_bytes_max`.
     pub fn next_chunk(&self, len_bytes_max: u32) -> Option<Chunk> {
         lock(&self.cursor).next_chunk_at_most(len_bytes_max)

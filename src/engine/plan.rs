@@ -129,21 +129,14 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// The next read, or `None` when every extent has been handed out.
-    #[cfg(test)]
-    pub fn next_chunk(&mut self) -> Option<Chunk> {
-        self.next_chunk_at_most(self.geometry.chunk_bytes as u32)
-    }
-
-    /// The next read, of at most `len_bytes_max` (rounded down to the
-    /// logical block, at least one) and the geometry's chunk size; `None`
-    /// when every extent has been handed out.
-    pub fn next_chunk_at_most(&mut self, len_bytes_max: u32) -> Option<Chunk> {
-        let block_bytes = self.geometry.block_bytes;
-        let len_bytes_max = (u64::from(len_bytes_max) / block_bytes).max(1) * block_bytes;
+    /// Whether a read is left: moves past extents that widen to nothing
+    /// or were read with the one before, without handing out a read.
+    pub fn has_more(&mut self) -> bool {
         // Bounded by the extent count: each turn consumes one extent.
         while self.offset_bytes == self.end_bytes {
-            let extent = self.extents.get(self.extent_index_next)?;
+            let Some(extent) = self.extents.get(self.extent_index_next) else {
+                return false;
+            };
             self.extent_index_next += 1;
             let Some(span) = self.geometry.widen(extent) else {
                 continue;
@@ -160,6 +153,24 @@ impl<'a> Cursor<'a> {
                 self.end_bytes = span.end_bytes;
             }
             // Otherwise wholly inside the previous span: already read.
+        }
+        true
+    }
+
+    /// The next read, or `None` when every extent has been handed out.
+    #[cfg(test)]
+    pub fn next_chunk(&mut self) -> Option<Chunk> {
+        self.next_chunk_at_most(self.geometry.chunk_bytes as u32)
+    }
+
+    /// The next read, of at most `len_bytes_max` (rounded down to the
+    /// logical block, at least one) and the geometry's chunk size; `None`
+    /// when every extent has been handed out.
+    pub fn next_chunk_at_most(&mut self, len_bytes_max: u32) -> Option<Chunk> {
+        let block_bytes = self.geometry.block_bytes;
+        let len_bytes_max = (u64::from(len_bytes_max) / block_bytes).max(1) * block_bytes;
+        if !self.has_more() {
+            return None;
         }
         let len_bytes = (self.end_bytes - self.offset_bytes)
             .min(self.geometry.chunk_bytes)

@@ -276,6 +276,10 @@ impl WorkerRing {
                     .admit(worker_index, self.in_flight_count, chunk_bytes)
                 {
                     Admit::Go { len_bytes_max } => len_bytes_max,
+                    // One the gentle gait holds back must still see the
+                    // cursor run dry (worker 0 took the last read), or it
+                    // would wait for a turn that never comes.
+                    Admit::Hold(_) if !job.has_more() => return Fill::Dry,
                     Admit::Hold(wait) => return Fill::Held(wait),
                 };
             let Some(chunk) = job.next_chunk(len_bytes_max) else {
@@ -820,6 +824,57 @@ mod tests {
         drop(ring);
         drop(pool);
         report.reads
+    }
+
+    /// A worker the gentle gait holds (index 1) returns once worker 0 has
+    /// taken the last read: found by torture_zram, where it waited forever.
+    #[test]
+    fn a_held_worker_returns_when_the_cursor_runs_dry() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(256 * 1024).unwrap();
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(file.path())
+            .unwrap();
+        let pool = BufferPool::new(2, SLOT_BYTES as usize, 4096).unwrap();
+        let ring_of = |slot: usize| {
+            let slot_ptrs: Box<[*mut u8]> = Box::new([pool.slot_ptr(slot)]);
+            // SAFETY: one slot per ring, the pool outlives both rings.
+            unsafe { WorkerRing::new(direct.as_raw_fd(), slot_ptrs, SLOT_BYTES) }.unwrap()
+        };
+        let (mut first, mut second) = (ring_of(0), ring_of(1));
+        let geometry = Geometry::new(256 * 1024, 4096, u64::from(SLOT_BYTES));
+        let extents = [ByteExtent {
+            offset_bytes: 0,
+            len_bytes: 256 * 1024,
+        }];
+        let gait = Gait::new(SLOT_BYTES);
+        gait.set_gentle(true);
+        let deliver = |_: ReadDone<'_>| -> anyhow::Result<()> { Ok(()) };
+        let stop = AtomicBool::new(false);
+        let job = Job {
+            device: file.path(),
+            geometry,
+            cursor: Mutex::new(Cursor::new(geometry, &extents)),
+            deliver: &deliver,
+            progress: None,
+            stop: &stop,
+            halted: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            pacer: None,
+            gait: &gait,
+            salvage: None,
+        };
+        let (reads_0, reads_1) = std::thread::scope(|scope| {
+            let held = scope.spawn(|| second.run(&job, 1).reads);
+            let reads_0 = first.run(&job, 0).reads;
+            (reads_0, held.join().unwrap())
+        });
+        assert!(job.first_error.lock().unwrap().is_none());
+        assert_eq!((reads_0, reads_1), (4, 0));
+        drop((first, second));
+        drop(pool);
     }
 
     #[test]
