@@ -111,6 +111,9 @@ struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write the result as JSON to FILE (the table still printed).
+    #[arg(long, value_name = "FILE")]
+    json_file: Option<PathBuf>,
     /// Extra arguments for `hot-clone image` of the default row (no
     /// --imager), e.g. -- --max-rate 200M.
     #[arg(last = true)]
@@ -261,6 +264,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         alone,
         imagers.into_iter().zip(with).collect(),
     );
+    if let Some(path) = &args.json_file {
+        fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
