@@ -443,6 +443,74 @@ fn hc_impact_compares_hot_clone_settings_on_an_idle_device() {
     assert_scratch_gone(&report);
 }
 
+/// A signal in the middle of a window ends the run through the clean-up:
+/// the held hot-clone (in a process group of its own, which a terminal's
+/// Ctrl-C does not reach) is stopped and the scratch device detached.
+#[test]
+fn hc_impact_interrupted_leaves_no_imager_running() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = tool("hc-impact")
+        .args([
+            "--scratch",
+            "64M",
+            "--seconds",
+            "60",
+            "--runs",
+            "1",
+            "--foreground",
+            "idle",
+            "--",
+            "--max-rate",
+            "8M",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let text = loop {
+        let text = fs::read_to_string(&log).unwrap();
+        if text.contains("run 1 of 1: with") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+            "{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let device = text
+        .split_whitespace()
+        .skip_while(|word| *word != "device")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    // Into the window, hot-clone reading.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) of our own child, by its pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the window was not cut short: {text}"
+    );
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !(cmdline.contains("hc-impact-run-") && cmdline.contains(&device)),
+            "still running: {cmdline}"
+        );
+    }
+    let report = serde_json::json!({ "device": device });
+    assert_scratch_gone(&report);
+}
+
 #[test]
 fn hc_impact_refuses_options_that_do_not_fit() {
     for (args, said) in [

@@ -166,6 +166,7 @@ pub fn run(target: &Target, rate: u32, seconds: f64, seed: u64) -> anyhow::Resul
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
+        hot_clone::signals::check()?;
         let random = rng.next_u64();
         let offset = (random % target.blocks) * BLOCK as u64;
         let is_read = (random >> 40) % 100 < u64::from(target.read_percent);

@@ -162,7 +162,8 @@ struct State {
 pub struct Running {
     state: Arc<Mutex<State>>,
     kill_on_stop: bool,
-    thread: JoinHandle<anyhow::Result<Outcome>>,
+    /// Taken by `end`.
+    thread: Option<JoinHandle<anyhow::Result<Outcome>>>,
 }
 
 impl Running {
@@ -201,19 +202,23 @@ impl Running {
         Ok(Running {
             state,
             kill_on_stop,
-            thread,
+            thread: Some(thread),
         })
     }
 
     /// The supervisor ended early (failed): its error.
     pub fn finished(&self) -> bool {
-        self.thread.is_finished()
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Ends the window: no more restarts; a shell imager's group is
     /// killed, a built-in hot-clone converges (past its main pass) or is
     /// stopped. Returns once every process of it is gone.
-    pub fn stop(self) -> anyhow::Result<Outcome> {
+    pub fn stop(mut self) -> anyhow::Result<Outcome> {
+        self.end()
+    }
+
+    fn end(&mut self) -> anyhow::Result<Outcome> {
         {
             let mut state = self.state.lock().expect("imager state");
             state.stop = true;
@@ -223,9 +228,21 @@ impl Running {
                 signal_group(group, libc::SIGTERM);
             }
         }
-        match self.thread.join() {
-            Ok(outcome) => outcome,
-            Err(panic) => std::panic::resume_unwind(panic),
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(Outcome::default()),
+        }
+    }
+}
+
+/// An early return between start and stop leaves nothing running either.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.thread.is_some()
+            && let Err(error) = self.end()
+        {
+            eprintln!("hc-impact: {error:#}");
         }
     }
 }

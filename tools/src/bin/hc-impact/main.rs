@@ -158,6 +158,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     set_up_process()?;
+    // A signal ends the run through the same clean-up as an error: the
+    // imager's process group (not the terminal's) stopped, the scratch
+    // device and files removed.
+    hot_clone::signals::install();
     let hot_clone = match &args.hot_clone {
         Some(path) => path.clone(),
         None => std::env::current_exe()?
@@ -225,6 +229,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut alone = Vec::new();
     let mut with: Vec<Vec<Window>> = imagers.iter().map(|_| Vec::new()).collect();
     for run in 0..args.runs {
+        hot_clone::signals::check()?;
         let seed = args.seed.wrapping_add(u64::from(run));
         if let Some(target) = &target {
             eprintln!("hc-impact: run {} of {}: alone", run + 1, args.runs);
@@ -305,6 +310,9 @@ fn window(
         if counter.read_bytes()? > before {
             break Ok(());
         }
+        if hot_clone::signals::interrupted() {
+            break Err(hot_clone::signals::Interrupted.into());
+        }
         if running.finished() || waited.elapsed() > FIRST_READ_WAIT_MAX {
             break Err(anyhow::anyhow!(
                 "imager {:?} read nothing from {} in {:.1} s",
@@ -323,17 +331,14 @@ fn window(
     let start_bytes = counter.read_bytes()?;
     let started = Instant::now();
     let foreground = match target {
-        Some(target) => Some(foreground::run(target, args.rate, args.seconds, seed)),
-        None => {
-            std::thread::sleep(Duration::from_secs_f64(args.seconds));
-            None
-        }
+        Some(target) => foreground::run(target, args.rate, args.seconds, seed).map(Some),
+        None => idle(Duration::from_secs_f64(args.seconds)).map(|()| None),
     };
     let end_bytes = counter.read_bytes();
     let seconds = started.elapsed().as_secs_f64();
     // Stopped whatever the foreground did, so that nothing is left running.
     let outcome = running.stop();
-    let foreground = foreground.transpose()?;
+    let foreground = foreground?;
     let outcome = outcome?;
     let own = foreground.as_ref().map_or(0, |f| f.device_read_bytes);
     let imaged = (end_bytes? - start_bytes).saturating_sub(own);
@@ -342,6 +347,16 @@ fn window(
         imaging_bytes_per_second: imaged as f64 / seconds,
         outcome,
     })
+}
+
+/// No foreground: waits out the window, or until a signal.
+fn idle(window: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + window;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        hot_clone::signals::check()?;
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+    Ok(())
 }
 
 /// The device's count of bytes read, from its sysfs `stat` (sectors of
@@ -390,6 +405,7 @@ fn probe_speed(device: &Path) -> anyhow::Result<f64> {
     let mut buffer = AlignedBuf::new(chunk as usize);
     let started = Instant::now();
     for k in 0..chunks {
+        hot_clone::signals::check()?;
         file.read_exact_at(&mut buffer, k * chunk)
             .with_context(|| format!("{} at byte {}", device.display(), k * chunk))?;
     }
@@ -436,6 +452,7 @@ impl Scratch {
         let mut chunk = vec![0u8; 1 << 20];
         let mut left = size;
         while left > 0 {
+            hot_clone::signals::check()?;
             rng.fill(&mut chunk);
             let n = left.min(chunk.len() as u64) as usize;
             file.write_all(&chunk[..n])?;
