@@ -7,7 +7,7 @@
 # usage (root): tools/perf/impact.sh [RUNS=5] [SECONDS=5] [SIZE=1G]
 #   env IMPACT_RUNS, IMPACT_SECONDS, IMPACT_SIZE do the same;
 #   IMPACT_FOREGROUNDS (default "mix read write"; add cached for the page
-#   cache's view); IMPACT_RATE (foreground requests/s, default 2000);
+#   cache's view, whose imagers write the image to a file in the temp dir); IMPACT_RATE (foreground requests/s, default 2000);
 #   IMPACT_DEVICE_SPEED (e.g. 1G) pins the "full speed" the percentages
 #   are of, instead of each invocation measuring it.
 #
@@ -48,15 +48,25 @@ if "$bin/hot-clone" image --help | grep -q -- '--full-speed'; then
     full_speed=1
 fi
 
-imagers=(--imager "default=hot-clone")
-[ "$full_speed" = 1 ] && imagers+=(--imager "full-speed=hot-clone --full-speed")
-for p in 10 25 50; do
-    imagers+=(--imager "max-rate-$p%=hot-clone --max-rate {rate:$p%}")
-done
-imagers+=(--imager "ionice-c3-dd=ionice -c3 dd if={dev} of=/dev/null iflag=direct bs=1M status=none")
-for p in 10 25 50; do
-    imagers+=(--imager "dd-pv-$p%=dd if={dev} iflag=direct bs=1M status=none | pv -qL {rate:$p%} > /dev/null")
-done
+# The rows, the image going to $1: /dev/null, or {out} (a file in the temp
+# dir, for the cached foreground: an image written through the page cache
+# is what can evict the live system's hot pages).
+imagers_to() {
+    local sink=$1 hc_out="" dd_out="of=/dev/null"
+    if [ "$sink" != /dev/null ]; then
+        hc_out=" -o $sink"
+        dd_out="of=$sink"
+    fi
+    imagers=(--imager "default=hot-clone$hc_out")
+    [ "$full_speed" = 1 ] && imagers+=(--imager "full-speed=hot-clone --full-speed$hc_out")
+    for p in 10 25 50; do
+        imagers+=(--imager "max-rate-$p%=hot-clone --max-rate {rate:$p%}$hc_out")
+    done
+    imagers+=(--imager "ionice-c3-dd=ionice -c3 dd if={dev} $dd_out iflag=direct bs=1M status=none")
+    for p in 10 25 50; do
+        imagers+=(--imager "dd-pv-$p%=dd if={dev} iflag=direct bs=1M status=none | pv -qL {rate:$p%} > $sink")
+    done
+}
 common=(--scratch "$size" --seconds "$seconds" --runs "$runs" --rate "$rate")
 [ -n "${IMPACT_DEVICE_SPEED:-}" ] && common+=(--device-speed "$IMPACT_DEVICE_SPEED")
 
@@ -76,6 +86,11 @@ echo
 for fg in $foregrounds; do
     echo "### Foreground $fg"
     echo
+    if [ "$fg" = cached ]; then
+        imagers_to "{out}"
+    else
+        imagers_to /dev/null
+    fi
     printf '```\nhc-impact --foreground %s' "$fg"
     q "${common[@]}" "${imagers[@]}"
     printf '\n```\n\n'

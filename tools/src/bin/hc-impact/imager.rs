@@ -452,3 +452,63 @@ fn reap_group(group: i32) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn places() -> Places {
+        Places {
+            device: PathBuf::from("/dev/loop9"),
+            speed_bytes_per_second: 1e9,
+            hot_clone: PathBuf::from("/bin/false"),
+        }
+    }
+
+    #[test]
+    fn a_name_is_what_precedes_an_equals_sign_without_a_space() {
+        let named = Imager::parse("pv25=dd if={dev} | pv -qL {rate:25%}").unwrap();
+        assert_eq!(named.name, "pv25");
+        assert_eq!(named.command, "dd if={dev} | pv -qL {rate:25%}");
+        assert!(!named.is_hot_clone());
+        // `if=` follows a space: no name, the command names the row.
+        let unnamed = Imager::parse("dd if={dev} of=/dev/null").unwrap();
+        assert_eq!(unnamed.name, "dd if={dev} of=/dev/null");
+        assert!(Imager::parse("x=").is_err());
+    }
+
+    #[test]
+    fn hot_clone_without_dev_is_the_built_in_path() {
+        let built_in = Imager::parse("slow=hot-clone --max-rate {rate:10%} -o {out}").unwrap();
+        match &built_in.kind {
+            ImagerKind::HotClone { args } => {
+                assert_eq!(args, &["--max-rate", "{rate:10%}", "-o", "{out}"])
+            }
+            ImagerKind::Shell => panic!("{built_in:?}"),
+        }
+        // With {dev} it is a command like any other, run by the shell.
+        let shell = Imager::parse("hot-clone image -d {dev} -o /dev/null").unwrap();
+        assert!(!shell.is_hot_clone());
+        assert!(!Imager::parse("hot-cloner").unwrap().is_hot_clone());
+    }
+
+    #[test]
+    fn placeholders_are_filled_in() {
+        let text = substitute(
+            "dd if={dev} of={out} | pv -qL {rate:25%} {rate:2.5%}",
+            &places(),
+            Path::new("/tmp/x/out"),
+        )
+        .unwrap();
+        assert_eq!(
+            text,
+            "dd if=/dev/loop9 of=/tmp/x/out | pv -qL 250000000 25000000"
+        );
+        assert_eq!(
+            resolve_rates("--max-rate {rate:10%} {dev}", 1e9).unwrap(),
+            "--max-rate 100000000 {dev}"
+        );
+        assert!(substitute("{rate:lots%}", &places(), Path::new("o")).is_err());
+        assert!(substitute("{rate:10%", &places(), Path::new("o")).is_err());
+    }
+}
