@@ -52,12 +52,15 @@ const PROBE_CHUNK: usize = 1 << 20;
     about = "Measure what imaging (hot-clone, or any imager command) costs a live workload on the same device",
     after_help = "IMAGERS: --imager [NAME=]CMD, repeatable, one table row each (NAME defaults to CMD).\n  \
         CMD `hot-clone [ARGS]` (no {dev}) is the built-in path: hot-clone image -d DEV -o /dev/null\n  \
-        --hold-file H --stats-json S ARGS, held in catch-up until the window ends (or restarted once\n  \
-        its main pass is done); ARGS may give -o {out}. Any other CMD runs as sh -c CMD in its own\n  \
+        --hold-file H --stats-json S ARGS (ARGS may give -o {out}); restarted once its main pass is\n  \
+        done, stopped (SIGTERM) if the window ends in one. Any other CMD runs as sh -c CMD in its own\n  \
         process group, restarted until the window ends, then the whole group is killed.\n  \
         Placeholders: {dev} the device, {out} a scratch file in the temp dir (removed after each run),\n  \
         {rate:P%} P % of the device's full read speed in bytes/s (measured first, or --device-speed).\n  \
         Without --imager: one row, hot-clone with the ARGS after --.\n\n\
+        Each window starts at the imager's first read of the device. Imaging MB/s, for every row:\n  \
+        the device's read counter (/sys/class/block/NAME/stat) over the window, less the\n  \
+        foreground's own reads.\n\n\
         Example: hc-impact --foreground read --imager default=hot-clone \\\n  \
         --imager 'max25=hot-clone --max-rate {rate:25%}' \\\n  \
         --imager 'pv25=dd if={dev} iflag=direct bs=1M status=none | pv -qL {rate:25%} > /dev/null'"
