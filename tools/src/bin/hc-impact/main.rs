@@ -173,6 +173,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .join("hot-clone"),
     };
     let scratch;
+    let mut scratch_file = None;
     let device = match &args.device {
         Some(device) => {
             if args.scheduler.is_some() {
@@ -195,6 +196,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 made.set_scheduler(name)?;
             }
             scratch = made;
+            scratch_file = Some(scratch.backing.clone());
             scratch.device.path.clone()
         }
     };
@@ -263,6 +265,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             foreground: args.foreground,
             describe: target.as_ref().map(Target::describe),
             cached_file: target.as_ref().and_then(Target::hot_file),
+            scratch_file,
             read_percent,
             rate: args.rate,
             seconds: args.seconds,
@@ -331,7 +334,9 @@ fn window(
         running.stop()?;
         return Err(error);
     }
-    let start_bytes = counter.read_bytes()?;
+    // Counted from before the start: on a small device a fast imager may
+    // have read all of it by the time the first read is seen.
+    let start_bytes = before;
     let started = Instant::now();
     let foreground = match target {
         Some(target) => foreground::run(target, args.rate, args.seconds, seed).map(Some),
@@ -439,6 +444,7 @@ fn set_up_process() -> anyhow::Result<()> {
 struct Scratch {
     /// Detached on drop, before its backing file's directory goes.
     device: LoopDevice,
+    backing: PathBuf,
     _dir: tempfile::TempDir,
     /// The scheduler the loop device had before `set_scheduler`: a loop
     /// device keeps its queue settings after it is detached, so it is put
@@ -464,12 +470,14 @@ impl Scratch {
         file.sync_all()?;
         let device = LoopDevice::try_attach(&backing, &LoopOptions::default())?;
         eprintln!(
-            "hc-impact: scratch device {} ({} MiB)",
+            "hc-impact: scratch device {} ({} MiB over {})",
             device.path.display(),
-            size >> 20
+            size >> 20,
+            backing.display()
         );
         Ok(Scratch {
             device,
+            backing,
             _dir: dir,
             scheduler_before: None,
         })

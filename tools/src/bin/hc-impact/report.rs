@@ -14,6 +14,9 @@ pub struct Setup {
     pub foreground: Kind,
     /// The foreground in words (none when idle).
     pub describe: Option<String>,
+    /// The scratch device's backing file, when hc-impact made the device
+    /// (detached and removed at the end).
+    pub scratch_file: Option<PathBuf>,
     /// --foreground cached: the hot file (removed at the end).
     pub cached_file: Option<PathBuf>,
     pub read_percent: u32,
