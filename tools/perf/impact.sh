@@ -9,7 +9,9 @@
 #   IMPACT_FOREGROUNDS (default "mix read write"; add cached for the page
 #   cache's view, whose imagers write the image to a file in the temp dir); IMPACT_RATE (foreground requests/s, default 2000);
 #   IMPACT_DEVICE_SPEED (e.g. 1G) pins the "full speed" the percentages
-#   are of, instead of each invocation measuring it.
+#   are of, instead of each invocation measuring it; IMPACT_SCHEDULER
+#   (e.g. mq-deadline) sets the scratch device's I/O scheduler (loop
+#   devices start with none, under which ionice -c3 changes nothing).
 #
 # Every invocation makes its own direct-io scratch loop device of SIZE,
 # filled with random data, and removes it afterwards. "Full speed" is that
@@ -69,6 +71,7 @@ imagers_to() {
 }
 common=(--scratch "$size" --seconds "$seconds" --runs "$runs" --rate "$rate")
 [ -n "${IMPACT_DEVICE_SPEED:-}" ] && common+=(--device-speed "$IMPACT_DEVICE_SPEED")
+[ -n "${IMPACT_SCHEDULER:-}" ] && common+=(--scheduler "$IMPACT_SCHEDULER")
 
 q() { # the arguments, quoted for a shell where they need it
     local arg
@@ -106,6 +109,7 @@ echo "### Idle device: main pass, default against --full-speed"
 echo
 if [ "$full_speed" = 1 ]; then
     idle=(--foreground idle --scratch "$size" --seconds "$seconds" --runs "$runs"
+        ${IMPACT_SCHEDULER:+--scheduler "$IMPACT_SCHEDULER"}
         --imager "default=hot-clone" --imager "full-speed=hot-clone --full-speed")
     printf '```\nhc-impact'
     q "${idle[@]}"
