@@ -1,11 +1,11 @@
 //! Drop-behind: an image (or a restore) written through the page cache
-//! leaves at most two windows of it there, instead of the whole file
-//! evicting the live system's cache.
+//! leaves a few windows of it there, instead of the whole file evicting
+//! the live system's cache.
 //!
 //! Every [`WINDOW_BYTES`] written, the window just written is handed to
-//! writeback (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), and the window
-//! before it, whose writeback has had a whole window's time to finish, is
-//! waited on and dropped (`posix_fadvise(POSIX_FADV_DONTNEED)`):
+//! writeback (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), and the oldest
+//! window in writeback, [`WINDOWS_IN_WRITEBACK`] rounds old, is waited on
+//! and dropped (`posix_fadvise(POSIX_FADV_DONTNEED)`):
 //!
 //! - **Why the wait.** `generic_fadvise` (mm/fadvise.c) answers DONTNEED
 //!   with `__filemap_fdatawrite_range(WB_SYNC_NONE)` — it starts writeback
@@ -16,9 +16,11 @@
 //!   WAIT_AFTER` (fs/sync.c `sync_file_range`: wait for writeback in
 //!   flight, write what is still dirty with `WB_SYNC_ALL`, wait for that),
 //!   after which its folios are clean and invalidation frees them.
-//! - **Why one window of lag.** Waiting on the window just written would
-//!   stall the writer for a full device round trip every window; waiting on
-//!   the one before overlaps its writeback with writing the next.
+//! - **Why a lag of several windows.** Waiting on the window just written
+//!   would stall the writer for a full device round trip every window;
+//!   waiting on an older one overlaps writeback with writing, and keeps
+//!   several windows queued at the disk, which a whole-file `fsync` of
+//!   an undropped image also does (measured in PERF.md).
 //! - **Durability is unchanged.** `sync_file_range` writes data only, no
 //!   metadata and no cache flush; the caller's `fsync` at the end is what
 //!   makes the file durable. Its errors (EIO, ENOSPC on a thin or network
@@ -39,10 +41,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 
-/// Bytes written between two rounds of writeback and drop. At most about
-/// two windows of the output are in the page cache at any time (measured
+/// Bytes written between two rounds of writeback and drop (measured
 /// against 8 and 32 MiB in PERF.md).
 pub const WINDOW_BYTES: u64 = 16 << 20;
+
+/// Windows handed to writeback and not yet waited for: the disk's queue
+/// is kept this deep, and at most this many windows plus the one being
+/// written are in the page cache.
+pub const WINDOWS_IN_WRITEBACK: usize = 8;
 
 const PAGE_BYTES: u64 = 4096;
 const _: () = assert!(WINDOW_BYTES.is_multiple_of(PAGE_BYTES) && WINDOW_BYTES >= 1 << 20);
@@ -84,8 +90,10 @@ pub struct DropBehind {
     /// Bytes written since the last round (not the span's length: a
     /// restore's writes may overlap or leave holes).
     dirty_bytes: u64,
-    /// The window handed to writeback at the last round, dropped at the next.
-    in_writeback: Option<Span>,
+    /// Windows handed to writeback, a ring: the slot at `next_slot` holds
+    /// the oldest, waited for and dropped at the next round.
+    in_writeback: [Option<Span>; WINDOWS_IN_WRITEBACK],
+    next_slot: usize,
 }
 
 /// What failed, for the caller's message.
@@ -104,7 +112,8 @@ impl DropBehind {
         (kind.is_file() || kind.is_block_device()).then_some(DropBehind {
             dirty: None,
             dirty_bytes: 0,
-            in_writeback: None,
+            in_writeback: [None; WINDOWS_IN_WRITEBACK],
+            next_slot: 0,
         })
     }
 
@@ -151,13 +160,15 @@ impl DropBehind {
     }
 
     /// Starts writeback of what was written since the last round, waits
-    /// for the window before it and drops it.
+    /// for the oldest window in writeback and drops it.
     fn round(&mut self, file: &File) -> Result<(), DropFailed> {
         let dirty = self.dirty.take().expect("a round has written pages");
         self.dirty_bytes = 0;
         sync_range(file, dirty, libc::SYNC_FILE_RANGE_WRITE)?;
-        if let Some(previous) = self.in_writeback.replace(dirty) {
-            drop_span(file, previous)?;
+        let oldest = self.in_writeback[self.next_slot].replace(dirty);
+        self.next_slot = (self.next_slot + 1) % WINDOWS_IN_WRITEBACK;
+        if let Some(oldest) = oldest {
+            drop_span(file, oldest)?;
         }
         Ok(())
     }
@@ -310,12 +321,12 @@ mod tests {
         let chunk: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
         let mut sequential = DropBehind::for_file(&file).unwrap();
         let mut written = 0u64;
-        while written < 3 * WINDOW_BYTES {
+        while written < (WINDOWS_IN_WRITEBACK as u64 + 2) * WINDOW_BYTES {
             file.write_all(&chunk).unwrap();
             sequential.wrote(&file, chunk.len() as u64).unwrap();
             written += chunk.len() as u64;
         }
-        assert!(sequential.in_writeback.is_some());
+        assert!(sequential.in_writeback.iter().all(Option::is_some));
         // Out of order, as a restore's catch-up copies come: the window is
         // the pages between the lowest and the highest byte written.
         let mut positioned = DropBehind::for_file(&file).unwrap();
@@ -327,7 +338,7 @@ mod tests {
         }
         assert_eq!(positioned.dirty, None, "a full window ran a round");
         assert_eq!(
-            positioned.in_writeback.map(|span| span.start_bytes),
+            positioned.in_writeback[0].map(|span| span.start_bytes),
             Some(written / PAGE_BYTES * PAGE_BYTES)
         );
         file.sync_all().unwrap();

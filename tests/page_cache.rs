@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// The fraction of a written file that may stay cached: drop-behind keeps
-/// about two 16 MiB windows while writing and drops the rest once synced;
+/// a few 16 MiB windows while writing and drops the rest once synced;
 /// before it, all of it stayed (100% on a machine without memory pressure).
 const RESIDENT_FRACTION_MAX: f64 = 0.25;
 

@@ -540,9 +540,9 @@ const PIPE_WAIT_SLICE_MS: u16 = 100;
 ///   EDQUOT, EIO, EPIPE) says which output and at which byte of the image
 ///   stream it failed ([`OutputFailed`]).
 /// - **The image does not fill the page cache.** Written to a regular file
-///   or a block device, every 16 MiB is written back and dropped from the
-///   cache a window later ([`DropBehind`]); a writeback error is a write
-///   error of the output like any other.
+///   or a block device, every 16 MiB is handed to writeback and dropped
+///   from the cache 8 windows later ([`DropBehind`]); a writeback error is
+///   a write error of the output like any other.
 /// - **Held while frozen.** Between [`ImageOut::hold`] and
 ///   [`ImageOut::release`] bytes are kept in memory, bounded, in order, so
 ///   nothing is written while `--freeze` holds filesystems frozen (the
