@@ -10,8 +10,13 @@
 #      No cache is dropped globally: the hot file is dropped (its own pages
 #      only, dd iflag=nocache) before it is warmed inside the cgroup, so
 #      that its pages are charged there.
+#   3. (PARTS="3") the O_DIRECT alternative, by proxy: dd copying the same
+#      device to a file with aligned O_DIRECT writes (1 MiB and 8 MiB, the
+#      best a synchronous O_DIRECT writer of the image could do), against
+#      NEW_BIN imaging it (drop-behind), alternated.
 #
 # usage (root): tools/perf/pagecache.sh OLD_BIN NEW_BIN [RUNS=5] [SIZE_MIB=2048] [MEM_MIB=1024] [PARTS="1 2"]
+# (part 1 always runs: part 2 takes its duration from it)
 # The source is a loop device over a file in /dev/shm (reads cost no disk
 # and add no page cache); the image and the hot file go to ${TMPDIR:-/tmp}.
 set -euo pipefail
@@ -79,6 +84,33 @@ for b in old new; do
         "$(cut -d' ' -f3 "$work/t.$b" | median)"
 done
 rm -f "$work/image.hc"
+
+if [[ " $parts " == *" 3 "* ]]; then
+    dd_once() { # bs -> "seconds peak_growth_MiB"
+        rm -f "$work/direct.img"
+        sync
+        local base start end
+        base=$(cached_kib)
+        start=$(date +%s.%N)
+        dd if="$loopdev" of="$work/direct.img" bs="$1" iflag=direct oflag=direct conv=fsync status=none
+        end=$(date +%s.%N)
+        awk -v s="$start" -v e="$end" -v b="$base" -v n="$(cached_kib)" 'BEGIN {printf "%.2f %d\n", e - s, (n - b) / 1024}'
+    }
+    : > "$work/d.1M"; : > "$work/d.8M"; : > "$work/d.hc"
+    for _ in $(seq "$runs"); do
+        dd_once 1M >> "$work/d.1M"
+        dd_once 8M >> "$work/d.8M"
+        image_once "$new" | cut -d' ' -f1,3 >> "$work/d.hc"
+    done
+    rm -f "$work/direct.img" "$work/image.hc"
+    echo
+    echo "== 3. O_DIRECT by proxy: $size_mib MiB device to a file, $runs runs each, alternated =="
+    for b in 1M 8M hc; do
+        printf '%s: wall median %.2f s (%s), Cached left after median %d MiB\n' "$b" \
+            "$(cut -d' ' -f1 "$work/d.$b" | median)" "$(cut -d' ' -f1 "$work/d.$b" | xargs)" \
+            "$(cut -d' ' -f2 "$work/d.$b" | median)"
+    done
+fi
 case " $parts " in *" 2 "*) ;; *) exit 0 ;; esac
 
 # 2. The foreground reader.
