@@ -14,6 +14,8 @@
 #      device to a file with aligned O_DIRECT writes (1 MiB and 8 MiB, the
 #      best a synchronous O_DIRECT writer of the image could do), against
 #      NEW_BIN imaging it (drop-behind), alternated.
+#   4. (PARTS="4") `reassemble` of NEW_BIN's image of the device to a
+#      file, OLD_BIN against NEW_BIN, alternated, from a warm image file.
 #
 # usage (root): tools/perf/pagecache.sh OLD_BIN NEW_BIN [RUNS=5] [SIZE_MIB=2048] [MEM_MIB=1024] [PARTS="1 2"]
 # (part 1 always runs: part 2 takes its duration from it)
@@ -109,6 +111,30 @@ if [[ " $parts " == *" 3 "* ]]; then
         printf '%s: wall median %.2f s (%s), Cached left after median %d MiB\n' "$b" \
             "$(cut -d' ' -f1 "$work/d.$b" | median)" "$(cut -d' ' -f1 "$work/d.$b" | xargs)" \
             "$(cut -d' ' -f2 "$work/d.$b" | median)"
+    done
+fi
+if [[ " $parts " == *" 4 "* ]]; then
+    "$new" image -d "$loopdev" -o "$work/image.hc" 2>/dev/null
+    cat "$work/image.hc" > /dev/null
+    restore_once() { # bin -> seconds
+        rm -f "$work/restored"
+        sync
+        local start end
+        start=$(date +%s.%N)
+        "$1" reassemble "$work/image.hc" -o "$work/restored" 2>/dev/null
+        end=$(date +%s.%N)
+        awk -v s="$start" -v e="$end" 'BEGIN {printf "%.2f\n", e - s}'
+    }
+    : > "$work/x.old"; : > "$work/x.new"
+    for _ in $(seq "$runs"); do
+        restore_once "$old" >> "$work/x.old"
+        restore_once "$new" >> "$work/x.new"
+    done
+    rm -f "$work/restored" "$work/image.hc"
+    echo
+    echo "== 4. reassemble of a $size_mib MiB image to a file, $runs runs each, alternated =="
+    for b in old new; do
+        printf '%s: wall median %.2f s (%s)\n' "$b" "$(median < "$work/x.$b")" "$(xargs < "$work/x.$b")"
     done
 fi
 case " $parts " in *" 2 "*) ;; *) exit 0 ;; esac
