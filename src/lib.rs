@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod demo;
 pub mod dirty;
+pub mod dropbehind;
 pub mod engine;
 pub mod exit;
 pub mod format;

@@ -2,6 +2,7 @@
 //! out to a regular file (sparse, atomically renamed into place) or a block
 //! device (refused while in use or too small) — or nowhere, for `verify`.
 
+use crate::dropbehind::{DropBehind, DropFailed};
 use crate::format::{Banner, FormatError, ImageReader, Record, RunState, Trailer};
 use crate::geom::{ByteExtent, SECTOR_BYTES};
 use crate::signals;
@@ -428,6 +429,7 @@ fn reassemble_to_device(
     sink.file
         .sync_all()
         .with_context(|| format!("flushing {name}"))?;
+    sink.drop_synced();
     let warnings = target_warnings(
         &name.to_string(),
         target.dev,
@@ -814,9 +816,11 @@ impl Sink for NullSink {
 }
 
 /// A new regular file, written sparsely: all-zero 4 KiB blocks are never
-/// written, and zeros over earlier data are punched out.
+/// written, and zeros over earlier data are punched out. What is written
+/// leaves the page cache behind the writer ([`DropBehind`]).
 struct FileSink {
     file: File,
+    drop_behind: Option<DropBehind>,
     /// No byte at or past this offset has been written: it reads as zero.
     high_water_bytes: u64,
     extent_bytes: u64,
@@ -826,6 +830,7 @@ struct FileSink {
 impl FileSink {
     fn new(file: File) -> Self {
         FileSink {
+            drop_behind: DropBehind::for_file(&file),
             file,
             high_water_bytes: 0,
             extent_bytes: 0,
@@ -837,7 +842,19 @@ impl FileSink {
         let extent_bytes = extent_bytes.max(self.extent_bytes);
         assert!(self.high_water_bytes <= extent_bytes);
         self.file.set_len(extent_bytes)?;
-        self.file.sync_all()
+        self.file.sync_all()?;
+        if self.drop_behind.is_some() {
+            // Advice: a failure only leaves pages cached.
+            let _ = DropBehind::drop_synced(&self.file);
+        }
+        Ok(())
+    }
+
+    fn wrote(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), DropFailed> {
+        match &mut self.drop_behind {
+            Some(drop_behind) => drop_behind.wrote_at(&self.file, offset_bytes, len_bytes),
+            None => Ok(()),
+        }
     }
 
     fn write_zeros(&mut self, offset_bytes: u64, len_bytes: u64) -> io::Result<()> {
@@ -846,6 +863,7 @@ impl FileSink {
         while done < len_bytes {
             let n = zeros.len().min((len_bytes - done) as usize);
             self.file.write_all_at(&zeros[..n], offset_bytes + done)?;
+            self.wrote(offset_bytes + done, n as u64)?;
             done += n as u64;
         }
         Ok(())
@@ -878,6 +896,7 @@ impl Sink for FileSink {
                 self.file
                     .write_all_at(&data[start..end], at)
                     .with_context(|| format!("writing {} bytes at byte {at}", end - start))?;
+                self.wrote(at, (end - start) as u64)?;
                 self.high_water_bytes = self.high_water_bytes.max(at + (end - start) as u64);
             }
             start = end;
@@ -1027,6 +1046,8 @@ fn pieces(
 /// [`write_held`](Self::write_held).
 struct DeviceSink {
     file: File,
+    /// The device's page cache is dropped behind the writer too.
+    drop_behind: Option<DropBehind>,
     name: String,
     device_bytes: u64,
     /// Empty until `begin`; then sorted, disjoint, at most
@@ -1042,6 +1063,7 @@ struct DeviceSink {
 impl DeviceSink {
     fn new(file: File, device_bytes: u64, path: &Path) -> Self {
         DeviceSink {
+            drop_behind: DropBehind::for_file(&file),
             file,
             name: path.display().to_string(),
             device_bytes,
@@ -1064,7 +1086,24 @@ impl DeviceSink {
                 )
             })?;
         self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
+        self.wrote(offset_bytes, data.len() as u64)
+    }
+
+    fn wrote(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
+        if let Some(drop_behind) = &mut self.drop_behind {
+            drop_behind
+                .wrote_at(&self.file, offset_bytes, len_bytes)
+                .with_context(|| format!("writing to {}", self.name))?;
+        }
         Ok(())
+    }
+
+    /// After the last sync: the restored device leaves the page cache.
+    fn drop_synced(&self) {
+        if self.drop_behind.is_some() {
+            // Advice: a failure only leaves pages cached.
+            let _ = DropBehind::drop_synced(&self.file);
+        }
     }
 
     fn zero_direct(&mut self, offset_bytes: u64, len_bytes: u64) -> anyhow::Result<()> {
@@ -1079,6 +1118,7 @@ impl DeviceSink {
                 .write_all_at(&self.zeros[..n], at)
                 .with_context(|| format!("writing {n} zero bytes at byte {at} of {}", self.name))?;
             self.bytes_written = self.bytes_written.saturating_add(n as u64);
+            self.wrote(at, n as u64)?;
             done += n as u64;
         }
         Ok(())

@@ -22,6 +22,7 @@
 //! `--force` turns every refusal off (and opens a block device without
 //! `O_EXCL`, and follows a link).
 
+use crate::dropbehind::{DropBehind, DropFailed};
 use crate::image::Output;
 use crate::source::SourceDevice;
 use crate::source::blockdev::{self, DevNum};
@@ -55,12 +56,19 @@ pub struct Placement {
 
 impl Placement {
     /// Makes the written image FILE: syncs it, renames the temporary onto
-    /// FILE and syncs the directory, so the name is durable too.
+    /// FILE and syncs the directory, so the name is durable too. The image,
+    /// synced by now, leaves the page cache ([`crate::dropbehind`]).
     pub fn commit(mut self, file: &File) -> anyhow::Result<()> {
-        match self.pending.take() {
-            Some(pending) => pending.commit(file),
-            None => Ok(()),
+        // Without a temporary, the run synced the output (`finish_image`)
+        // before its trailer counted.
+        if let Some(pending) = self.pending.take() {
+            pending.commit(file)?;
         }
+        if DropBehind::for_file(file).is_some() {
+            // Advice: a failure only leaves pages cached.
+            let _ = DropBehind::drop_synced(file);
+        }
+        Ok(())
     }
 }
 
@@ -531,6 +539,10 @@ const PIPE_WAIT_SLICE_MS: u16 = 100;
 /// - **Errors name the place and the byte.** A failed write (ENOSPC,
 ///   EDQUOT, EIO, EPIPE) says which output and at which byte of the image
 ///   stream it failed ([`OutputFailed`]).
+/// - **The image does not fill the page cache.** Written to a regular file
+///   or a block device, every 16 MiB is handed to writeback and dropped
+///   from the cache 8 windows later ([`DropBehind`]); a writeback error is
+///   a write error of the output like any other.
 /// - **Held while frozen.** Between [`ImageOut::hold`] and
 ///   [`ImageOut::release`] bytes are kept in memory, bounded, in order, so
 ///   nothing is written while `--freeze` holds filesystems frozen (the
@@ -543,6 +555,8 @@ pub struct ImageOut {
     /// Bytes of the image stream that reached the output.
     written_bytes: u64,
     held: Option<Vec<u8>>,
+    /// None for a pipe, a socket, a character device.
+    drop_behind: Option<DropBehind>,
 }
 
 /// A write to the image's output failed; the cause is the error's source.
@@ -561,6 +575,8 @@ enum OutputCause {
     Interrupted(crate::signals::Interrupted),
     /// More held than the bound (a bug of the caller's check).
     HoldFull(usize),
+    /// Writing back what was written failed (drop-behind's sync).
+    Writeback(DropFailed),
 }
 
 impl std::fmt::Display for OutputFailed {
@@ -570,21 +586,25 @@ impl std::fmt::Display for OutputFailed {
             "writing the image to {} stopped at byte {} of the image",
             self.name, self.offset_bytes
         )?;
-        match &self.cause {
-            OutputCause::Io(error) => match error.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-                    f.write_str(" (no space left there: free some, or write the image elsewhere)")
-                }
-                Some(libc::EIO) => f.write_str(
-                    " (the storage under it reported an I/O error: check it, and write the image elsewhere)",
-                ),
-                Some(libc::EPIPE) => f.write_str(" (the reader of the pipe went away)"),
-                _ => Ok(()),
-            },
-            OutputCause::Interrupted(_) => f.write_str(" (its reader was not reading)"),
-            OutputCause::HoldFull(max) => {
-                write!(f, " (more than {max} bytes were held while frozen)")
+        let os_error = match &self.cause {
+            OutputCause::Io(error) => error.raw_os_error(),
+            OutputCause::Writeback(failed) => failed.error.raw_os_error(),
+            OutputCause::Interrupted(_) => {
+                return f.write_str(" (its reader was not reading)");
             }
+            OutputCause::HoldFull(max) => {
+                return write!(f, " (more than {max} bytes were held while frozen)");
+            }
+        };
+        match os_error {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                f.write_str(" (no space left there: free some, or write the image elsewhere)")
+            }
+            Some(libc::EIO) => f.write_str(
+                " (the storage under it reported an I/O error: check it, and write the image elsewhere)",
+            ),
+            Some(libc::EPIPE) => f.write_str(" (the reader of the pipe went away)"),
+            _ => Ok(()),
         }
     }
 }
@@ -595,6 +615,7 @@ impl std::error::Error for OutputFailed {
             OutputCause::Io(error) => Some(error),
             OutputCause::Interrupted(interrupted) => Some(interrupted),
             OutputCause::HoldFull(_) => None,
+            OutputCause::Writeback(failed) => Some(failed),
         }
     }
 }
@@ -604,12 +625,14 @@ impl ImageOut {
     pub fn new(file: File, name: String) -> ImageOut {
         let kind = file.metadata().map(|m| m.file_type()).ok();
         let nowait = kind.is_some_and(|k| k.is_fifo() || k.is_socket());
+        let drop_behind = DropBehind::for_file(&file);
         ImageOut {
             file,
             name,
             nowait,
             written_bytes: 0,
             held: None,
+            drop_behind,
         }
     }
 
@@ -647,15 +670,20 @@ impl ImageOut {
     }
 
     fn failed(&self, cause: OutputCause) -> io::Error {
-        let kind = match &cause {
-            OutputCause::Io(error) => error.kind(),
-            _ => io::ErrorKind::Other,
+        let (kind, offset_bytes) = match &cause {
+            OutputCause::Io(error) => (error.kind(), self.written_bytes),
+            // The first byte that may not have reached the storage.
+            OutputCause::Writeback(failed) => (
+                failed.error.kind(),
+                failed.offset_bytes.min(self.written_bytes),
+            ),
+            _ => (io::ErrorKind::Other, self.written_bytes),
         };
         io::Error::new(
             kind,
             OutputFailed {
                 name: self.name.clone(),
-                offset_bytes: self.written_bytes,
+                offset_bytes,
                 cause,
             },
         )
@@ -680,6 +708,11 @@ impl ImageOut {
             if rc > 0 {
                 let n = rc as usize;
                 self.written_bytes += n as u64;
+                if let Some(drop_behind) = &mut self.drop_behind
+                    && let Err(failed) = drop_behind.wrote(&self.file, n as u64)
+                {
+                    return Err(self.failed(OutputCause::Writeback(failed)));
+                }
                 return Ok(n);
             }
             if rc == 0 {
