@@ -538,6 +538,8 @@ struct Run<'a> {
     /// A gentle catch-up read took too long: full speed from then on
     /// (`yielding.rs`).
     catch_up_full_speed: AtomicBool,
+    /// How long the last catch-up read took, in nanoseconds (0: none yet).
+    last_catch_up_read_ns: AtomicU64,
     /// Last: dropped after the engine and the trace that use it.
     device: SourceDevice,
 }
@@ -601,6 +603,7 @@ impl<'a> Run<'a> {
             yield_sensor: None,
             read_bytes: AtomicU64::new(0),
             catch_up_full_speed: AtomicBool::new(false),
+            last_catch_up_read_ns: AtomicU64::new(0),
             device,
         }
     }

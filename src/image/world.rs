@@ -161,12 +161,19 @@ impl World for LiveWorld<'_, '_> {
         self.latency
             .add(&stats.latency_us)
             .expect("histograms agree");
-        if stats.elapsed > yielding::CATCH_UP_GENTLE_READ_MAX
-            && self.run.engine.is_gentle()
+        let elapsed_ns = stats.elapsed.as_nanos() as u64;
+        let before_ns = self
+            .run
+            .last_catch_up_read_ns
+            .swap(elapsed_ns, Ordering::Relaxed);
+        if yielding::catch_up_needs_full_speed(
+            stats.elapsed,
+            (before_ns > 0).then(|| Duration::from_nanos(before_ns)),
+        ) && self.run.engine.is_gentle()
             && !self.run.catch_up_full_speed.swap(true, Ordering::Relaxed)
         {
             tracing::info!(
-                "{}: a gentle catch-up read took {:.1}s: the workload writes faster than gentle reads catch up, so the rest of the run reads at full speed",
+                "{}: a gentle catch-up read took {:.1}s, no less than the one before: the workload writes faster than gentle reads catch up, so the rest of the run reads at full speed",
                 self.run.device.path.display(),
                 stats.elapsed.as_secs_f64()
             );

@@ -14,11 +14,14 @@
 //! whatever it sees: nothing can write then, and a shorter freeze is what
 //! spares the workload (`Run::pump`).
 //!
-//! Catch-up rounds read gently too, until one round's reads take longer
-//! than [`CATCH_UP_GENTLE_READ_MAX`]: then the workload writes faster than
-//! gentle reads catch up, and the rest of the run reads at full speed —
-//! a run that never converges would only go on loading the disk, and end
-//! with an image it cannot vouch for (`world.rs`).
+//! Catch-up rounds read gently too, until a round's reads take longer
+//! than [`CATCH_UP_GENTLE_READ_MAX`] and no less than the round's before
+//! ([`catch_up_needs_full_speed`]): the rounds are then not shrinking, the
+//! workload writes faster than gentle reads catch up, and the rest of the
+//! run reads at full speed — a run that never converges would only go on
+//! loading the disk, and end with an image it cannot vouch for
+//! (`world.rs`). A long first round alone (the writes of a long main pass)
+//! is read gently: the next one is shorter if gentle reads keep up.
 //!
 //! The decision is [`Yielder::observe`], pure over (time, count), so the
 //! orders that matter are unit tests.
@@ -39,12 +42,17 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 /// ext4) costs at most a second of gentle reading.
 pub const HOLD: Duration = Duration::from_secs(1);
 
-/// A gentle catch-up read longer than this switches the rest of the run
-/// to full speed (module documentation). A round re-reads what the
-/// workload wrote during the one before, so a round this long means the
-/// rounds are not shrinking fast: at a quarter of a second the run still
-/// gives a light workload's rounds (milliseconds) all the gentleness.
+/// A gentle catch-up read longer than this, and no shorter than the one
+/// before, switches the rest of the run to full speed (module
+/// documentation): a light workload's rounds (milliseconds) stay gentle
+/// whatever their trend.
 pub const CATCH_UP_GENTLE_READ_MAX: Duration = Duration::from_millis(250);
+
+/// Whether catch-up must read at full speed from now on: this read took
+/// `this` gently, the one before `before` (`None`: it is the first).
+pub fn catch_up_needs_full_speed(this: Duration, before: Option<Duration>) -> bool {
+    this > CATCH_UP_GENTLE_READ_MAX && before.is_some_and(|before| this >= before)
+}
 
 /// The controller.
 #[derive(Clone, Debug)]
@@ -190,6 +198,20 @@ mod tests {
         y.observe(ms(0), 100);
         y.observe(ms(10), 100);
         assert_eq!(y.observe(ms(20), 3), Some(true));
+    }
+
+    #[test]
+    fn catch_up_goes_full_speed_only_for_long_rounds_that_do_not_shrink() {
+        let (long, longer) = (ms(2000), ms(2400));
+        // The first round, however long: gentle.
+        assert!(!catch_up_needs_full_speed(longer, None));
+        // Shrinking: gentle keeps up.
+        assert!(!catch_up_needs_full_speed(long, Some(longer)));
+        // Not shrinking: it does not.
+        assert!(catch_up_needs_full_speed(longer, Some(long)));
+        assert!(catch_up_needs_full_speed(long, Some(long)));
+        // Short rounds stay gentle whatever their trend.
+        assert!(!catch_up_needs_full_speed(ms(20), Some(ms(10))));
     }
 
     #[test]
