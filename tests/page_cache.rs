@@ -104,16 +104,7 @@ fn an_image_written_to_a_file_does_not_stay_in_the_page_cache() {
 
     // And it is the device, whole.
     let restored = dir.path().join("restored.img");
-    let result = run_hot_clone(
-        [
-            "reassemble".as_ref(),
-            image.as_os_str(),
-            "-o".as_ref(),
-            restored.as_os_str(),
-        ],
-        None,
-    );
-    assert!(result.status.success(), "{}", stderr(&result));
+    reassemble(&image, &restored);
     assert!(fs::read(&restored).unwrap() == read_device(&device.path));
 }
 
@@ -125,16 +116,7 @@ fn a_restore_to_a_file_does_not_stay_in_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();
     let image = image_of(&device, dir.path());
     let restored = dir.path().join("restored.img");
-    let result = run_hot_clone(
-        [
-            "reassemble".as_ref(),
-            image.as_os_str(),
-            "-o".as_ref(),
-            restored.as_os_str(),
-        ],
-        None,
-    );
-    assert!(result.status.success(), "{}", stderr(&result));
+    reassemble(&image, &restored);
     assert_mostly_uncached(&restored, "the restored file");
     assert!(fs::read(&restored).unwrap() == read_device(&device.path));
 }
@@ -157,16 +139,21 @@ fn a_restore_to_a_device_does_not_stay_in_the_page_cache() {
     let image = image_of(&device, dir.path());
     let target = LoopDevice::new(DEVICE_BYTES);
     let _held_open = File::open(&target.path).unwrap();
+    reassemble(&image, &target.path);
+    assert_mostly_uncached(&target.path, "the restored device");
+    assert!(read_device(&target.path) == read_device(&device.path));
+}
+
+/// `hot-clone reassemble IMAGE -o OUT`, which must succeed.
+fn reassemble(image: &Path, out: &Path) {
     let result = run_hot_clone(
         [
             "reassemble".as_ref(),
             image.as_os_str(),
             "-o".as_ref(),
-            target.path.as_os_str(),
+            out.as_os_str(),
         ],
         None,
     );
     assert!(result.status.success(), "{}", stderr(&result));
-    assert_mostly_uncached(&target.path, "the restored device");
-    assert!(read_device(&target.path) == read_device(&device.path));
 }
