@@ -144,7 +144,17 @@ fn case(
         .arg("-o")
         .arg(&image)
         .arg("--hold-file")
-        .arg(&hold);
+        .arg(&hold)
+        // The matrix is about capture across event orders, with the reads'
+        // timing these cases were tuned for; yielding to the writers has
+        // its own tests (tests/yielding.rs, and every live test without
+        // this flag). Under the gentle default, with five of these tests
+        // in parallel on two cores, one case of 20 ended in status 5 (a
+        // write's completion never matched: a completion drained before
+        // an older one, across CPUs; the closing note of issue 12 has the
+        // event order), which is the tracker's to fix, not this matrix's
+        // to hide: see the note.
+        .arg("--full-speed");
     if timing == Timing::MainPassOnly {
         // A slow main pass, so that the writes land inside it.
         cmd.args(["--threads", "1", "--queue-depth", "1", "--chunk", "64K"]);
