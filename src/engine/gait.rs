@@ -106,15 +106,21 @@ impl Gait {
 
     /// [`admit`] for `worker_index` now.
     pub fn admit(&self, worker_index: usize, in_flight: usize, chunk_bytes: u32) -> Admit {
-        let now_ns = self.now_ns();
-        let resume_at_ns = self.resume_at_ns.load(Ordering::Relaxed);
+        let gentle = self.is_gentle();
+        // Full speed reads no clock per submission.
+        let wait = if gentle {
+            let resume_at_ns = self.resume_at_ns.load(Ordering::Relaxed);
+            Duration::from_nanos(resume_at_ns.saturating_sub(self.now_ns()))
+        } else {
+            Duration::ZERO
+        };
         admit(
-            self.is_gentle(),
+            gentle,
             worker_index,
             in_flight,
             chunk_bytes,
             self.gentle_chunk_bytes,
-            Duration::from_nanos(resume_at_ns.saturating_sub(now_ns)),
+            wait,
         )
     }
 
